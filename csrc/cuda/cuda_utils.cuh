@@ -1,0 +1,58 @@
+// Small device helpers shared by the CUDA kernels.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace raphael_ext::cuda {
+
+// Multiprocessor count of a device, read once per device.
+inline int multiprocessor_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  if (cache[device] == 0) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = count;
+  }
+  return cache[device];
+}
+
+// 16-byte (or smaller, for kVec * sizeof(T) < 16) packet of kVec elements, loaded in one instruction.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+inline bool is_aligned(const void* ptr, std::size_t bytes) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum over the block, in a fixed order (deterministic); the result is valid in thread 0.
+// blockDim.x must be a multiple of 32 and at most 1024.
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T warp_partials[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) warp_partials[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? warp_partials[lane] : T(0);
+    v = warp_sum(v);
+  }
+  __syncthreads();  // warp_partials may be reused by a following call
+  return v;
+}
+
+}  // namespace raphael_ext::cuda

@@ -1,0 +1,97 @@
+// The op schemas (TORCH_LIBRARY) and the pybind11 module raphael_ext._C.
+//
+// Kernels register themselves per dispatch key in csrc/cpu/ and csrc/cuda/; autograd and fake
+// (meta) kernels are registered from Python (raphael_ext/ops/). The pybind11 functions below call
+// the ops through the dispatcher, so a C++/pybind11 caller gets the same autograd as torch.ops.
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "cpu/vec_math_avx2.h"
+
+#if defined(RAPHAEL_EXT_WITH_CUTLASS)
+#include <cutlass/version.h>
+#endif
+#if defined(RAPHAEL_EXT_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+#include <optional>
+#include <string>
+
+namespace raphael_ext {
+
+#if defined(RAPHAEL_EXT_WITH_CUDA)
+std::string compiled_cuda_archs();  // csrc/cuda/build_info.cu
+#endif
+
+TORCH_LIBRARY(raphael_ext, m) {
+  // Returns (loss, dloss, norm): dloss[i] = d(unreduced loss[i]) / d(logits[i]) and the reduction's
+  // scale norm (1 / counted elements for 'mean', else 1), so backward is grad * norm * dloss.
+  m.def(
+      "sigmoid_focal_loss(Tensor logits, Tensor targets, float alpha, float gamma, str reduction, "
+      "Tensor? sample_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  namespace py = pybind11;
+  py::dict info;
+  info["torch"] = TORCH_VERSION;
+  info["cpu_avx2"] =
+#if RAPHAEL_HAVE_AVX2_PATH
+      avx2::cpu_has_avx2_fma();
+#else
+      false;
+#endif
+#if defined(RAPHAEL_EXT_WITH_CUDA)
+  info["cuda"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  py::list archs;
+  const std::string list = compiled_cuda_archs();
+  size_t start = 0;
+  while (start < list.size()) {
+    size_t comma = list.find(',', start);
+    if (comma == std::string::npos) comma = list.size();
+    archs.append(list.substr(start, comma - start));
+    start = comma + 1;
+  }
+  info["cuda_archs"] = archs;
+#else
+  info["cuda"] = py::none();
+  info["cuda_archs"] = py::list();
+#endif
+#if defined(RAPHAEL_EXT_WITH_CUTLASS)
+  info["cutlass"] = std::to_string(CUTLASS_MAJOR) + "." + std::to_string(CUTLASS_MINOR) + "." +
+                    std::to_string(CUTLASS_PATCH);
+#else
+  info["cutlass"] = py::none();
+#endif
+  return info;
+}
+
+at::Tensor sigmoid_focal_loss(const at::Tensor& logits, const at::Tensor& targets, double alpha, double gamma,
+                              const std::string& reduction, const std::optional<at::Tensor>& sample_mask) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("raphael_ext::sigmoid_focal_loss", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
+                                 const std::optional<at::Tensor>&)>();
+  return std::get<0>(op.call(logits, targets, alpha, gamma, reduction, sample_mask));
+}
+
+}  // namespace
+}  // namespace raphael_ext
+
+PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  m.doc() = "raphael_ext native ops (CPU and CUDA kernels registered under torch.ops.raphael_ext)";
+  m.def("build_info", &raphael_ext::build_info,
+        "Versions the extension was built with (torch, CUDA, CUTLASS), the GPU archs it holds and "
+        "whether the CPU kernels use AVX2.");
+  m.def("sigmoid_focal_loss", &raphael_ext::sigmoid_focal_loss, py::arg("logits"), py::arg("targets"),
+        py::arg("alpha") = 0.5, py::arg("gamma") = 2.0, py::arg("reduction") = "mean",
+        py::arg("sample_mask") = py::none(),
+        "torch.ops.raphael_ext.sigmoid_focal_loss through the dispatcher; returns the loss (autograd "
+        "included once raphael_ext is imported).");
+}

@@ -1,0 +1,34 @@
+"""raphael_ext: CUDA/C++ kernels and a thin PyTorch library for RAPHAEL (space-MoE, time-MoE, edge supervision).
+
+Importing the package loads the native extension `raphael_ext._C`, which registers the kernels under
+`torch.ops.raphael_ext`, and then the Python side of each op (autograd and fake kernels).
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
+
+try:
+    from . import _C
+except ImportError as error:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        f"raphael_ext's native extension failed to load ({error}). It must be built against the torch "
+        f"installed here ({torch.__version__}): reinstall with `pip install --no-build-isolation .`"
+    ) from error
+
+
+def _check_torch_version() -> None:
+    built = _C.build_info()["torch"]
+    running = torch.__version__.split("+")[0]
+    if built != running:
+        raise ImportError(
+            f"raphael_ext was built against torch {built} but torch {running} is installed; "
+            "rebuild it with `pip install --no-build-isolation .`"
+        )
+
+
+_check_torch_version()
+
+from . import nn, ops  # noqa: E402
+from .info import build_info  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "nn", "ops"]

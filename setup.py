@@ -1,0 +1,138 @@
+"""Builds raphael_ext._C: C++ CPU kernels always, CUDA kernels when nvcc and a CUDA build of torch are present.
+
+The extension is compiled against the torch of the environment running this build, so build with
+    pip install --no-build-isolation .
+(pip's default isolated build has no torch and stops below with that advice). Build switches,
+printed at build time:
+    RAPHAEL_EXT_CUDA      auto (default: CUDA kernels when possible) | 0 (CPU only) | 1 (CUDA required)
+    TORCH_CUDA_ARCH_LIST  GPU archs; default: the visible GPUs, or "8.0;9.0a" (Ampere + Hopper) when none is visible
+    MAX_JOBS              parallel compile jobs (ninja)
+    CUDA_HOME             CUDA toolkit; default: found from nvcc on PATH
+"""
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0a"
+
+
+def log(message: str) -> None:
+    print(f"[raphael_ext build] {message}", file=sys.stderr, flush=True)
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError(
+            "\n\nraphael_ext compiles its C++/CUDA kernels against the torch installed in your environment, "
+            "but this build cannot import torch (pip's isolated build environment does not contain it).\n"
+            "Install torch first, then build without isolation:\n\n"
+            "    pip install --no-build-isolation .\n"
+        ) from None
+    return torch
+
+
+def find_cuda_home() -> str | None:
+    """The toolkit folder: CUDA_HOME/CUDA_PATH, else the folder of nvcc (following wrapper scripts' usual layout)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates += ["/usr/local/cuda"]
+    for folder in filter(None, candidates):
+        if (Path(folder) / "bin" / "nvcc").exists() and (Path(folder) / "include" / "cuda_runtime.h").exists():
+            return folder
+    return None
+
+
+def find_cutlass_include() -> list[str]:
+    """CUTLASS headers from the nvidia-cutlass wheel (cutlass_library/source/include)."""
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    source = Path(list(spec.submodule_search_locations)[0]) / "source"
+    folders = [source / "include", source / "tools" / "util" / "include"]
+    return [str(f) for f in folders if f.is_dir()]
+
+
+def extra_cuda_headers(cuda_home: str) -> list[str]:
+    """cuBLAS/cuSPARSE headers (pulled in by ATen's CUDA headers) from torch's nvidia pip packages when the
+    toolkit lacks them; searched after the toolkit's own include folder."""
+    if (Path(cuda_home) / "include" / "cublas_v2.h").exists():
+        return []
+    flags = []
+    for path in sys.path:
+        for folder in (Path(path) / "nvidia" / "cu13" / "include", Path(path) / "nvidia" / "cublas" / "include"):
+            if (folder / "cublas_v2.h").exists():
+                flags += ["-isystem", str(folder)]
+    return flags[:2]
+
+
+def build_extension():
+    cuda_home = find_cuda_home()
+    if cuda_home and "CUDA_HOME" not in os.environ:
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+    torch = import_torch()
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    mode = os.environ.get("RAPHAEL_EXT_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"RAPHAEL_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
+    cuda_possible = torch.version.cuda is not None and cuda_home is not None
+    why_not = "torch is a CPU build" if torch.version.cuda is None else "nvcc / CUDA toolkit not found"
+    if mode == "1" and not cuda_possible:
+        raise RuntimeError(f"RAPHAEL_EXT_CUDA=1 but CUDA kernels cannot be built: {why_not}")
+    with_cuda = cuda_possible and mode != "0"
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    cxx_flags = ["-O3"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda"]
+    include_dirs = [str(ROOT / "csrc")]
+    cutlass = find_cutlass_include()
+
+    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}")
+    log(f"RAPHAEL_EXT_CUDA={mode}: CUDA kernels {'ON' if with_cuda else 'OFF'}"
+        + ("" if with_cuda else f" ({'disabled' if mode == '0' else why_not})"))
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if torch.cuda.is_available():
+                log("TORCH_CUDA_ARCH_LIST unset: building for the visible GPUs")
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS_WITHOUT_GPU
+                log(f"TORCH_CUDA_ARCH_LIST unset and no GPU visible: using {DEFAULT_ARCHS_WITHOUT_GPU}")
+        log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, CUDA_HOME={cuda_home}")
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+        headers = extra_cuda_headers(cuda_home)
+        cxx_flags += ["-DRAPHAEL_EXT_WITH_CUDA"] + headers
+        nvcc_flags += ["-DRAPHAEL_EXT_WITH_CUDA"] + headers
+        if cutlass:
+            cxx_flags.append("-DRAPHAEL_EXT_WITH_CUTLASS")
+            nvcc_flags.append("-DRAPHAEL_EXT_WITH_CUTLASS")
+            include_dirs += cutlass
+    log(f"CUTLASS headers: {cutlass[0] if cutlass else 'not found (pip install nvidia-cutlass)'}"
+        + ("" if with_cuda else " (unused without CUDA)"))
+    log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}")
+
+    extension_type = CUDAExtension if with_cuda else CppExtension
+    extension = extension_type(
+        name="raphael_ext._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = build_extension()
+setup(
+    packages=find_packages(include=["raphael_ext", "raphael_ext.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
