@@ -56,6 +56,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_dloss, _grad_norm):
     dloss, norm = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # dloss is saved, not recomputed: a second derivative would silently miss d(dloss)/d(logits).
+        raise RuntimeError("sigmoid_focal_loss does not support double backward (create_graph=True)")
     # For 'mean'/'sum' grad_loss is a scalar: the scale is formed in float32 before touching the
     # per-element gradient, so a large loss scale (AMP) does not overflow and 1/N does not underflow early.
     grad_logits = dloss * (grad_loss * norm).to(dloss.dtype)
