@@ -92,7 +92,9 @@ def build_extension():
     with_cuda = cuda_possible and mode != "0"
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
-    cxx_flags = ["-O3"]
+    # at::parallel_for is inline OpenMP: without -fopenmp the CPU kernels would run on one thread. The
+    # libgomp it links is the one torch already loaded (same soname), so there is one OpenMP runtime.
+    cxx_flags = ["-O3", "-fopenmp"]
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda"]
     include_dirs = [str(ROOT / "csrc")]
     cutlass = find_cutlass_include()
@@ -126,6 +128,7 @@ def build_extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

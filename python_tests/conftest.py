@@ -1,12 +1,4 @@
-import pytest
-import torch
-
-import raphael_ext  # noqa: F401  (registers the ops)
-
-CUDA = torch.cuda.is_available()
-
-# Devices every op test runs on; CUDA cases carry the `cuda` marker and are skipped without a GPU.
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU")])]
+import raphael_ext  # noqa: F401  (loads the extension and registers the ops before any test)
 
 
 def pytest_configure(config):

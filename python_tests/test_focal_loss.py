@@ -10,13 +10,10 @@ import raphael_ext
 from raphael_ext.nn import EdgeFocalLoss
 from raphael_ext.ops import sigmoid_focal_loss
 
-from .conftest import CUDA, DEVICES
+from helpers import CUDA, DEVICES, RTOL, assert_close_rel
 
 OP = torch.ops.raphael_ext.sigmoid_focal_loss.default
 
-# Relative tolerance per dtype, against float64 math on the same (rounded) inputs. The kernels compute
-# in float32 for float16/bfloat16 and round once on output, so these are about 4 ulps of the output dtype.
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES_CPU = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -39,15 +36,6 @@ def reference(logits, targets, alpha=0.5, gamma=2.0, reduction="mean", sample_ma
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / counted if counted else loss.sum() * 0
-
-
-def assert_close_rel(actual, expected, dtype, what=""):
-    """|actual - expected| <= rtol * (|expected| + max|expected|): relative per element, with an absolute floor
-    scaled to the tensor, because outputs are rounded to `dtype` once."""
-    rtol = RTOL[dtype]
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-300, msg=lambda m: f"{what}: {m}")
 
 
 def make_inputs(shape, dtype, device, scale=4.0, seed=0, hard=False):

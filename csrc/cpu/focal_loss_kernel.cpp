@@ -57,7 +57,7 @@ RAPHAEL_AVX2 int64_t focal_avx2(const float* x, const float* t, float* dloss, fl
     const __m256 nonneg = _mm256_cmp_ps(xv, zero, _CMP_GE_OQ);
     const __m256 s = _mm256_blendv_ps(e_inv, inv, nonneg);
     const __m256 sbar = _mm256_blendv_ps(inv, e_inv, nonneg);
-    const __m256 ce = _mm256_add_ps(_mm256_fnmadd_ps(xv, tv, _mm256_max_ps(xv, zero)), avx2::log1p(e));
+    const __m256 ce = _mm256_add_ps(_mm256_fnmadd_ps(xv, tv, _mm256_max_ps(xv, zero)), avx2::log1p(e, inv));
     const __m256 one_minus_t = _mm256_sub_ps(one, tv);
     const __m256 m = _mm256_fmadd_ps(tv, sbar, _mm256_mul_ps(one_minus_t, s));
     const __m256 a = p.alpha >= 0 ? _mm256_fmadd_ps(alpha, tv, _mm256_mul_ps(_mm256_sub_ps(one, alpha), one_minus_t))

@@ -70,15 +70,13 @@ RAPHAEL_AVX2 inline __m256 log(__m256 x) {
   return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
 }
 
-// log1p(u) for u >= 0, accurate for tiny u: log(1 + u) * u / ((1 + u) - 1) cancels the rounding
-// of 1 + u (Goldberg's trick); where 1 + u rounds to 1, log1p(u) = u to float precision.
-RAPHAEL_AVX2 inline __m256 log1p(__m256 u) {
+// log1p(u) for u >= 0 given inv = 1 / (1 + u) (the callers have it already): log(w) for w = fl(1 + u),
+// corrected to first order for the rounding of w, log1p(u) = log(w) + (u - (w - 1)) / w. Where w rounds
+// to 1 this gives u * inv, which equals log1p(u) to float precision; no division, no branch.
+RAPHAEL_AVX2 inline __m256 log1p(__m256 u, __m256 inv) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 w = _mm256_add_ps(one, u);
-  const __m256 wm1 = _mm256_sub_ps(w, one);
-  const __m256 exact = _mm256_cmp_ps(wm1, _mm256_setzero_ps(), _CMP_EQ_OQ);
-  const __m256 corrected = _mm256_div_ps(_mm256_mul_ps(log(w), u), _mm256_blendv_ps(wm1, one, exact));
-  return _mm256_blendv_ps(corrected, u, exact);
+  return _mm256_fmadd_ps(_mm256_sub_ps(u, _mm256_sub_ps(w, one)), inv, log(w));
 }
 
 // Sum of the 8 lanes, in double.

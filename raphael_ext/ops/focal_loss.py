@@ -52,6 +52,10 @@ def _sigmoid_focal_loss_fake(logits, targets, alpha, gamma, reduction, sample_ma
 def _setup_context(ctx, inputs, output):
     _, dloss, norm = output
     ctx.save_for_backward(dloss, norm)
+    # Only the loss is differentiable; without this autograd would fill a zero gradient for dloss
+    # (as large as the input) on every backward.
+    ctx.mark_non_differentiable(dloss, norm)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_dloss, _grad_norm):
