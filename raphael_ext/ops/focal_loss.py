@@ -59,6 +59,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_dloss, _grad_norm):
+    if grad_loss is None:  # the loss itself took no part in what is differentiated
+        return None, None, None, None, None, None
     dloss, norm = ctx.saved_tensors
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         # dloss is saved, not recomputed: a second derivative would silently miss d(dloss)/d(logits).
