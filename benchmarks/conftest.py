@@ -6,19 +6,15 @@ prints each provider's time and the speed-up of `raphael_ext` over every peer; `
 these fields for the plots and committed results.
 """
 
-import collections
-
 import pytest
+import report
 import torch
 
 import raphael_ext  # noqa: F401
 
-OURS = "raphael_ext"
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
-
 
 
 @pytest.fixture
@@ -37,37 +33,16 @@ def run(benchmark):
     return timed
 
 
-def _median_seconds(bench) -> float | None:
-    stats = getattr(bench, "stats", None)
-    stats = getattr(stats, "stats", stats)
-    try:
-        return float(stats.median)
-    except (AttributeError, TypeError):
-        return None
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
-    if session is None or getattr(session, "disabled", True):
+    if session is None or session.disabled:
         return
-    groups = collections.defaultdict(dict)
+    entries = []
     for bench in session.benchmarks:
-        info = bench.extra_info
-        median = _median_seconds(bench)
-        if "group" in info and median is not None:
-            groups[info["group"]][info["provider"]] = (median, info.get("bytes"))
-    if not groups:
-        return
-    write = terminalreporter.write_line
-    write("")
-    write("raphael_ext vs peers (median time; speed-up = peer time / raphael_ext time)")
-    for group, providers in sorted(groups.items()):
-        ours = providers.get(OURS)
-        write(f"  {group}")
-        for provider, (median, nbytes) in sorted(providers.items(), key=lambda kv: kv[1][0]):
-            line = f"    {provider:<28} {median * 1e3:10.3f} ms"
-            if nbytes:
-                line += f"  {nbytes / median / 1e9:8.1f} GB/s"
-            if ours and provider != OURS:
-                line += f"  raphael_ext speed-up x{median / ours[0]:.2f}"
-            write(line)
+        if "group" in bench.extra_info and bench.stats is not None:
+            entries.append({**bench.extra_info, "median": bench.stats.median})
+    if entries:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("raphael_ext vs peers (speed-up = peer time / raphael_ext time)")
+        for line in report.format_table(entries):
+            terminalreporter.write_line(line)

@@ -1,0 +1,66 @@
+# raphael_ext developer commands. `make test` is what CI runs (.ci/run): it creates .venv, installs the
+# pinned dependencies, builds the extension against that torch and runs the tests and the benchmarks once.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# -P: never put the repository root on sys.path, so tests import the installed package, not ./raphael_ext.
+PYTEST := $(PY) -P -m pytest
+MAX_JOBS ?= $(shell nproc)
+RAPHAEL_EXT_CUDA ?= auto
+export MAX_JOBS RAPHAEL_EXT_CUDA
+DATE := $(shell date +%Y-%m-%d)
+
+.PHONY: all deps install develop test test-cuda bench demo info cmake clean
+
+all: install
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.deps-installed
+
+## install: build raphael_ext (C++ always, CUDA when nvcc is present) and install it into .venv
+install: deps
+	@mkdir -p build
+	@echo "building raphael_ext (log: build/pip-install.log)"
+	@$(PY) -m pip install -v --no-build-isolation --no-deps . > build/pip-install.log 2>&1 \
+		|| { tail -n 60 build/pip-install.log; echo "raphael_ext build failed, see build/pip-install.log"; exit 1; }
+	@grep "\[raphael_ext build\]" build/pip-install.log | awk '!seen[$$0]++' || true
+
+## develop: build _C in place (raphael_ext/_C*.so) for editing and debugging
+develop: deps
+	$(PY) setup.py build_ext --inplace
+
+## test: unit tests, then every benchmark once without timing (so they never rot)
+test: install
+	$(PYTEST) python_tests -q
+	$(PYTEST) benchmarks -q --benchmark-disable
+
+## test-cuda: only the tests that need a GPU
+test-cuda: install
+	$(PYTEST) python_tests -q -m cuda
+
+## bench: time the benchmarks; JSON + table + PNG under benchmarks/results/
+bench: install
+	$(PYTEST) benchmarks -q --benchmark-json=benchmarks/results/$(DATE)-$(shell hostname)-bench.json
+	$(PY) benchmarks/report.py benchmarks/results/$(DATE)-$(shell hostname)-bench.json
+
+## demo: until the trainer lands, the focal loss benchmark against its peers, with the table printed
+demo: install
+	$(PYTEST) benchmarks/test_focal_loss.py -q -k cpu
+
+info: install
+	$(PY) -P -m raphael_ext.info
+
+## cmake: development build with CMake (compile_commands.json; SANITIZE=address,undefined for sanitizers)
+cmake: deps
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) -DRAPHAEL_EXT_SANITIZE=$(SANITIZE)
+	$(VENV)/bin/cmake --build build/cmake
+
+clean:
+	rm -rf build dist *.egg-info raphael_ext/_C*.so .pytest_cache .benchmarks
