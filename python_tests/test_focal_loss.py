@@ -228,6 +228,25 @@ def test_double_backward_is_refused():
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+def test_backward_twice_with_retain_graph():
+    x = torch.randn(6, requires_grad=True)
+    loss = sigmoid_focal_loss(x, torch.rand(6))
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulates_into_leaf(device):
+    """loss.backward() over two forwards adds the gradients."""
+    logits, targets = make_inputs((3, 50), torch.float32, device)
+    x = logits.clone().requires_grad_()
+    sigmoid_focal_loss(x, targets).backward()
+    once = x.grad.clone()
+    sigmoid_focal_loss(x, targets).backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     logits, targets = make_inputs((4, 6, 5), torch.float32, device)

@@ -2,23 +2,25 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace raphael_ext::cuda {
 
-// Multiprocessor count of a device, read once per device.
+// Multiprocessor count of a device, read once per device (thread-safe: a race only repeats the query).
 inline int multiprocessor_count(int device) {
   constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) device = 0;
-  if (cache[device] == 0) {
-    int count = 0;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "raphael_ext supports CUDA devices 0..", kMaxDevices - 1);
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    cache[device] = count;
+    cache[device].store(count, std::memory_order_relaxed);
   }
-  return cache[device];
+  return count;
 }
 
 // 16-byte (or smaller, for kVec * sizeof(T) < 16) packet of kVec elements, loaded in one instruction.

@@ -21,7 +21,6 @@ namespace raphael_ext {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSM = 2048 / kThreads;  // one full wave of resident blocks
 constexpr int kFinalizeThreads = 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -39,21 +38,35 @@ __global__ void __launch_bounds__(kThreads)
   acc_t sum = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t num_packs = n / kVec;
+  // With per_sample >= kVec a pack spans at most two samples, so one division per pack finds both;
+  // shorter samples (rare: per-sample maps are images) take one division per element.
+  const bool long_samples = keep != nullptr && per_sample >= kVec;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < num_packs; v += stride) {
+    const int64_t first = v * kVec;
+    int64_t sample = 0, next_start = n;
+    if (long_samples) {
+      sample = first / per_sample;
+      next_start = (sample + 1) * per_sample;
+      if (!keep[sample] && (next_start >= first + kVec || !keep[sample + 1])) {
+        // The whole pack is dropped (the t > T_c samples): zeros without reading the inputs.
+        const PackT zeros{};
+        reinterpret_cast<PackT*>(dloss)[v] = zeros;
+        if constexpr (!kReduce) reinterpret_cast<PackT*>(loss)[v] = zeros;
+        continue;
+      }
+    }
     const PackT xv = reinterpret_cast<const PackT*>(x)[v];
     const PackT tv = reinterpret_cast<const PackT*>(t)[v];
     PackT dv, lv;
-    // A pack spans at most two samples when per_sample >= kVec: one division per pack.
-    int64_t sample = 0, next_start = n;
-    if (keep != nullptr) {
-      sample = v * kVec / per_sample;
-      next_start = (sample + 1) * per_sample;
-    }
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      const int64_t i = v * kVec + j;
+      const int64_t i = first + j;
       bool kept = true;
-      if (keep != nullptr) kept = per_sample >= kVec ? keep[sample + (i >= next_start)] : keep[i / per_sample];
+      if (long_samples) {
+        kept = keep[sample + (i >= next_start)];
+      } else if (keep != nullptr) {
+        kept = keep[i / per_sample];
+      }
       acc_t l = 0, d = 0;
       if (kept) focal_loss_element<acc_t>(xv.v[j], tv.v[j], p, l, d);
       dv.v[j] = static_cast<scalar_t>(d);
@@ -95,7 +108,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   if (threadIdx.x == 0) {
     const int64_t counted = keep != nullptr ? kept * per_sample : n;
-    const acc_t scale = mean ? (counted > 0 ? acc_t(1) / static_cast<acc_t>(counted) : acc_t(0)) : acc_t(1);
+    // In double, as on the CPU: 1 / counted rounds once even past 2^24 elements.
+    const acc_t scale = mean ? (counted > 0 ? static_cast<acc_t>(1.0 / static_cast<double>(counted)) : acc_t(0)) : acc_t(1);
     *loss = static_cast<scalar_t>(sum * scale);
     *norm = scale;
   }
@@ -104,23 +118,45 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // ---------------------------------------------------------------------------------------------
 // Launcher.
 
-template <typename scalar_t, int kVec>
-void launch_focal_loss(const at::Tensor& x, const at::Tensor& t, at::Tensor& dloss, at::Tensor& loss,
-                       const bool* keep, int64_t per_sample, double alpha, double gamma, Reduction mode,
-                       at::Tensor& partials, int blocks, cudaStream_t stream) {
+// Launches the main kernel on a grid of one full wave of resident blocks (from the occupancy of this
+// instantiation, whose register use depends on dtype and packet width); returns the number of blocks,
+// i.e. of partial sums written when reducing.
+template <typename scalar_t, int kVec, bool kReduce>
+int launch_focal_loss(const at::Tensor& x, const at::Tensor& t, at::Tensor& dloss, at::Tensor& loss,
+                      const bool* keep, int64_t per_sample, double alpha, double gamma, at::Tensor& partials,
+                      cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto params = make_focal_params<acc_t>(alpha, gamma);
+  const auto kernel = focal_loss_kernel<scalar_t, kVec, kReduce>;
+  static const int blocks_per_sm = [&] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+    return std::max(blocks, 1);
+  }();
   const int64_t n = x.numel();
-  if (mode == Reduction::None) {
-    focal_loss_kernel<scalar_t, kVec, false><<<blocks, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), dloss.mutable_data_ptr<scalar_t>(),
-        loss.mutable_data_ptr<scalar_t>(), keep, per_sample, n, params, nullptr);
-  } else {
-    focal_loss_kernel<scalar_t, kVec, true><<<blocks, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), dloss.mutable_data_ptr<scalar_t>(), nullptr,
-        keep, per_sample, n, params, partials.mutable_data_ptr<acc_t>());
+  const int64_t work_items = std::max<int64_t>(n / kVec, n % kVec);
+  const int64_t wave = int64_t{blocks_per_sm} * cuda::multiprocessor_count(x.get_device());
+  const int blocks = static_cast<int>(std::min(wave, (work_items + kThreads - 1) / kThreads));
+  if (kReduce) partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (blocks > 0) {
+    kernel<<<blocks, kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+                                            dloss.mutable_data_ptr<scalar_t>(),
+                                            kReduce ? nullptr : loss.mutable_data_ptr<scalar_t>(), keep, per_sample, n,
+                                            make_focal_params<acc_t>(alpha, gamma),
+                                            kReduce ? partials.mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return blocks;
+}
+
+template <typename scalar_t, bool kReduce>
+int launch_focal_loss(bool aligned, const at::Tensor& x, const at::Tensor& t, at::Tensor& dloss, at::Tensor& loss,
+                      const bool* keep, int64_t per_sample, double alpha, double gamma, at::Tensor& partials,
+                      cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  return aligned ? launch_focal_loss<scalar_t, kVec, kReduce>(x, t, dloss, loss, keep, per_sample, alpha, gamma,
+                                                              partials, stream)
+                 : launch_focal_loss<scalar_t, 1, kReduce>(x, t, dloss, loss, keep, per_sample, alpha, gamma,
+                                                           partials, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(const at::Tensor& logits,
@@ -140,38 +176,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(const at:
   at::Tensor loss = mode == Reduction::None ? at::empty_like(x, at::MemoryFormat::Contiguous)
                                             : at::empty({}, x.options());
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-
-  const int64_t n = x.numel();
-  const int64_t vec = 16 / x.element_size();
-  const bool aligned = cuda::is_aligned(x.const_data_ptr(), 16) && cuda::is_aligned(t.const_data_ptr(), 16) &&
-                       cuda::is_aligned(dloss.const_data_ptr(), 16) &&
-                       (mode != Reduction::None || cuda::is_aligned(loss.const_data_ptr(), 16));
-  const int64_t work_items = aligned ? std::max<int64_t>(n / vec, n % vec) : n;
-  const int64_t max_blocks = int64_t{kBlocksPerSM} * cuda::multiprocessor_count(x.get_device());
-  const int blocks = static_cast<int>(std::min(max_blocks, (work_items + kThreads - 1) / kThreads));
-  at::Tensor partials = at::empty({blocks}, x.options().dtype(acc_dtype));
   at::Tensor norm = mode == Reduction::None ? at::ones({}, x.options().dtype(acc_dtype))
                                             : at::empty({}, x.options().dtype(acc_dtype));
+  const bool aligned = cuda::is_aligned(x.const_data_ptr(), 16) && cuda::is_aligned(t.const_data_ptr(), 16) &&
+                       cuda::is_aligned(dloss.const_data_ptr(), 16) && cuda::is_aligned(loss.const_data_ptr(), 16);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sigmoid_focal_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (blocks > 0) {
-      constexpr int kVec = 16 / sizeof(scalar_t);
-      if (aligned) {
-        launch_focal_loss<scalar_t, kVec>(x, t, dloss, loss, keep, per_sample, alpha, gamma, mode, partials, blocks,
-                                          stream);
-      } else {
-        launch_focal_loss<scalar_t, 1>(x, t, dloss, loss, keep, per_sample, alpha, gamma, mode, partials, blocks,
-                                       stream);
-      }
+    at::Tensor partials;
+    if (mode == Reduction::None) {
+      launch_focal_loss<scalar_t, false>(aligned, x, t, dloss, loss, keep, per_sample, alpha, gamma, partials, stream);
+      return;
     }
-    if (mode != Reduction::None) {
-      const int64_t batch = mask.defined() ? mask.numel() : 0;
-      focal_loss_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
-          partials.const_data_ptr<acc_t>(), blocks, keep, batch, per_sample, n, mode == Reduction::Mean,
-          loss.mutable_data_ptr<scalar_t>(), norm.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    const int blocks =
+        launch_focal_loss<scalar_t, true>(aligned, x, t, dloss, loss, keep, per_sample, alpha, gamma, partials, stream);
+    const int64_t batch = mask.defined() ? mask.numel() : 0;
+    focal_loss_finalize_kernel<scalar_t><<<1, kFinalizeThreads, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), blocks, keep, batch, per_sample, x.numel(), mode == Reduction::Mean,
+        loss.mutable_data_ptr<scalar_t>(), norm.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, dloss, norm};
 }
