@@ -79,24 +79,31 @@ inline Reduction parse_reduction(std::string_view op, std::string_view reduction
   TORCH_CHECK_VALUE(false, op, ": reduction must be 'none', 'mean' or 'sum', got '", reduction, "'");
 }
 
-// Validates the op's arguments; returns the number of elements per sample (for sample_mask).
-inline int64_t check_focal_loss_args(const at::Tensor& logits, const at::Tensor& targets, double alpha,
-                                     double gamma, const std::optional<at::Tensor>& sample_mask) {
+struct FocalLossArgs {
+  int64_t per_sample;  // elements per sample (what one sample_mask entry keeps or drops)
+  Reduction mode;
+};
+
+// Validates the op's arguments, the same for every backend.
+inline FocalLossArgs check_focal_loss_args(const at::Tensor& logits, const at::Tensor& targets, double alpha,
+                                           double gamma, std::string_view reduction,
+                                           const std::optional<at::Tensor>& sample_mask) {
   constexpr std::string_view op = "sigmoid_focal_loss";
+  const Reduction mode = parse_reduction(op, reduction);
   check_floating(op, logits, "logits");
   check_same_device(op, logits, "logits", targets, "targets");
   check_same_dtype(op, logits, "logits", targets, "targets");
   check_same_shape(op, logits, "logits", targets, "targets");
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha <= 1.0, op, ": alpha must be <= 1 (or < 0 for no weighting), got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0, op, ": gamma must be finite and >= 0, got ", gamma);
-  if (!sample_mask.has_value()) return logits.numel();
+  if (!sample_mask.has_value()) return {logits.numel(), mode};
   const at::Tensor& mask = *sample_mask;
   TORCH_CHECK(logits.dim() >= 1, op, ": sample_mask needs logits with a batch dimension, got a 0-dim tensor");
   check_dtype(op, mask, "sample_mask", at::kBool);
   check_same_device(op, logits, "logits", mask, "sample_mask");
   TORCH_CHECK(mask.dim() == 1 && mask.size(0) == logits.size(0), op,
               ": sample_mask must have shape [B] with B = logits.size(0) = ", logits.size(0), ", got ", mask.sizes());
-  return logits.size(0) == 0 ? 0 : logits.numel() / logits.size(0);
+  return {logits.size(0) == 0 ? 0 : logits.numel() / logits.size(0), mode};
 }
 
 }  // namespace raphael_ext

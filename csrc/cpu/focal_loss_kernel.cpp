@@ -132,8 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(const at::
                                                                       const at::Tensor& targets, double alpha,
                                                                       double gamma, c10::string_view reduction,
                                                                       const std::optional<at::Tensor>& sample_mask) {
-  const int64_t per_sample = check_focal_loss_args(logits, targets, alpha, gamma, sample_mask);
-  const Reduction mode = parse_reduction("sigmoid_focal_loss", reduction);
+  const auto [per_sample, mode] = check_focal_loss_args(logits, targets, alpha, gamma, reduction, sample_mask);
   const at::Tensor x = logits.contiguous();
   const at::Tensor t = targets.contiguous();
   at::Tensor dloss = at::empty_like(x, at::MemoryFormat::Contiguous);
