@@ -132,7 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(const at::
                                                                       const at::Tensor& targets, double alpha,
                                                                       double gamma, c10::string_view reduction,
                                                                       const std::optional<at::Tensor>& sample_mask) {
-  const auto [per_sample, mode] = check_focal_loss_args(logits, targets, alpha, gamma, reduction, sample_mask);
+  // Plain locals, not a structured binding: the dispatch lambdas capture them (C++20 only for bindings,
+  // and older torch builds extensions as C++17).
+  const FocalLossArgs args = check_focal_loss_args(logits, targets, alpha, gamma, reduction, sample_mask);
+  const int64_t per_sample = args.per_sample;
+  const Reduction mode = args.mode;
   const at::Tensor x = logits.contiguous();
   const at::Tensor t = targets.contiguous();
   at::Tensor dloss = at::empty_like(x, at::MemoryFormat::Contiguous);

@@ -163,7 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(const at:
                                                                        const at::Tensor& targets, double alpha,
                                                                        double gamma, c10::string_view reduction,
                                                                        const std::optional<at::Tensor>& sample_mask) {
-  const auto [per_sample, mode] = check_focal_loss_args(logits, targets, alpha, gamma, reduction, sample_mask);
+  // Plain locals, not a structured binding: the dispatch lambdas capture them (C++20 only for bindings,
+  // and older torch builds extensions as C++17).
+  const FocalLossArgs args = check_focal_loss_args(logits, targets, alpha, gamma, reduction, sample_mask);
+  const int64_t per_sample = args.per_sample;
+  const Reduction mode = args.mode;
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
