@@ -31,6 +31,15 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def(
       "sigmoid_focal_loss(Tensor logits, Tensor targets, float alpha, float gamma, str reduction, "
       "Tensor? sample_mask) -> (Tensor, Tensor, Tensor)");
+  // Returns (out, attn_map, mask, lse); lse [B, H, N_x] (float32, float64 for float64) is the
+  // log-sum-exp of each row's scaled scores, kept so backward recomputes the probabilities.
+  m.def(
+      "cross_attention_mask(Tensor q, Tensor k, Tensor v, float alpha, Tensor? text_lengths, float? scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // (dq, dk, dv) from the gradients of out and attn_map (either may be absent); scale is resolved.
+  m.def(
+      "cross_attention_mask_backward(Tensor? grad_out, Tensor? grad_attn_map, Tensor q, Tensor k, Tensor v, "
+      "Tensor lse, Tensor? text_lengths, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

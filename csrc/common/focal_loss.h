@@ -4,6 +4,7 @@
 #pragma once
 
 #include "checks.h"
+#include "host_device.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -11,12 +12,6 @@
 #include <cmath>
 #include <string_view>
 #include <tuple>
-
-#if defined(__CUDACC__)
-#define RAPHAEL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define RAPHAEL_HOST_DEVICE inline
-#endif
 
 namespace raphael_ext {
 
