@@ -65,6 +65,36 @@ inline CrossAttentionArgs check_cross_attention_args(std::string_view op, const 
   return {q.size(0), q.size(1), q.size(2), k.size(2), head_dim, resolved};
 }
 
+// The backward's extra arguments: the gradients of out and attn_map (either may be absent) and the
+// saved log-sum-exp.
+inline CrossAttentionArgs check_cross_attention_backward_args(
+    std::string_view op, const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_attn_map,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const std::optional<at::Tensor>& text_lengths, double scale) {
+  const CrossAttentionArgs a = check_cross_attention_args(op, q, k, v, text_lengths, scale);
+  if (grad_out.has_value()) {
+    check_same_shape(op, q, "q", *grad_out, "grad_out");
+    check_same_dtype(op, q, "q", *grad_out, "grad_out");
+    check_same_device(op, q, "q", *grad_out, "grad_out");
+  }
+  if (grad_attn_map.has_value()) {
+    const at::Tensor& gm = *grad_attn_map;
+    TORCH_CHECK(gm.dim() == 3 && gm.size(0) == a.batch && gm.size(1) == a.queries && gm.size(2) == a.keys, op,
+                ": grad_attn_map must have shape [B, N_x, N_y] = [", a.batch, ", ", a.queries, ", ", a.keys,
+                "], got ", gm.sizes());
+    check_same_dtype(op, q, "q", gm, "grad_attn_map");
+    check_same_device(op, q, "q", gm, "grad_attn_map");
+  }
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == a.batch && lse.size(1) == a.heads && lse.size(2) == a.queries, op,
+              ": lse must have shape [B, H, N_x], got ", lse.sizes());
+  check_dtype(op, lse, "lse", q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  check_same_device(op, q, "q", lse, "lse");
+  return a;
+}
+
+// The kernels read rows through their strides but need the last dimension contiguous.
+inline at::Tensor unit_inner_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 // Number of valid keys of a sample: text_lengths[b] clamped to [0, N_y] (the CPU launcher rejects
 // values outside that range before any kernel runs).
 RAPHAEL_HOST_DEVICE int valid_keys(const int* lengths, int64_t b, int64_t keys) {

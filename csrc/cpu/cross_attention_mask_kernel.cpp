@@ -35,8 +35,6 @@ struct Rows4 {
   T* row(int64_t b, int64_t h, int64_t i) const { return data + b * sb + h * sh + i * si; }
 };
 
-at::Tensor unit_inner_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 // text_lengths as contiguous int32 with every value in [0, N_y] (an empty tensor when not given).
 at::Tensor checked_text_lengths(std::string_view op, const std::optional<at::Tensor>& text_lengths, int64_t keys) {
   if (!text_lengths.has_value()) return at::Tensor();
@@ -301,22 +299,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_mask_backward_cpu
     const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_attn_map, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, const std::optional<at::Tensor>& text_lengths,
     double scale) {
-  const CrossAttentionArgs a = check_cross_attention_args(kBackwardOp, q, k, v, text_lengths, scale);
+  const CrossAttentionArgs a =
+      check_cross_attention_backward_args(kBackwardOp, grad_out, grad_attn_map, q, k, v, lse, text_lengths, scale);
   const at::Tensor go = grad_out.has_value() ? *grad_out : at::Tensor();
   const at::Tensor gm = grad_attn_map.has_value() ? *grad_attn_map : at::Tensor();
-  if (go.defined()) {
-    check_same_shape(kBackwardOp, q, "q", go, "grad_out");
-    check_same_dtype(kBackwardOp, q, "q", go, "grad_out");
-  }
-  if (gm.defined()) {
-    TORCH_CHECK(gm.sizes() == at::IntArrayRef({a.batch, a.queries, a.keys}), kBackwardOp,
-                ": grad_attn_map must have shape [B, N_x, N_y] = [", a.batch, ", ", a.queries, ", ", a.keys, "], got ",
-                gm.sizes());
-    check_same_dtype(kBackwardOp, q, "q", gm, "grad_attn_map");
-  }
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({a.batch, a.heads, a.queries}), kBackwardOp,
-              ": lse must have shape [B, H, N_x], got ", lse.sizes());
-  check_dtype(kBackwardOp, lse, "lse", q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   const at::Tensor lengths = checked_text_lengths(kBackwardOp, text_lengths, a.keys);
   at::Tensor dq = at::empty({a.batch, a.queries, a.heads, a.head_dim}, q.options()).transpose(1, 2);
   at::Tensor dk = at::empty({a.batch, a.heads, a.keys, a.head_dim}, q.options());

@@ -40,6 +40,20 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Sum / max over the warp, valid in every lane (butterfly), for warp-uniform loops that need the result.
+template <typename T>
+__device__ __forceinline__ T warp_allreduce_sum(T v) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) v += __shfl_xor_sync(0xffffffffu, v, mask);
+  return v;
+}
+
+__device__ __forceinline__ float warp_allreduce_max(float v) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, mask));
+  return v;
+}
+
 // Sum over the block, in a fixed order (deterministic); the result is valid in thread 0.
 // blockDim.x must be a multiple of 32 and at most 1024.
 template <typename T>
