@@ -345,3 +345,30 @@ def test_cuda_deterministic_and_clamps_lengths():
     expected = cross_attention_mask(q, k, v, 0.2, lengths_tensor([77, 0], "cuda"))
     for a, b in zip(clamped, expected):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_cross_attention_module(device):
+    from raphael_ext.nn import MaskedCrossAttention
+
+    torch.manual_seed(0)
+    layer = MaskedCrossAttention(dim=128, text_dim=48, heads=4, alpha=0.2).to(device).double()
+    x = torch.randn(2, 30, 128, dtype=torch.float64, device=device)
+    y = torch.randn(2, 9, 48, dtype=torch.float64, device=device)
+    text_lengths = lengths_tensor([9, 5], device)
+    out, attn_map, mask = layer(x, y, text_lengths)
+    # Reference: the same projections with eager attention.
+    q = layer.to_q(x).view(2, 30, 4, 32).transpose(1, 2)
+    k = layer.to_k(y).view(2, 9, 4, 32).transpose(1, 2)
+    v = layer.to_v(y).view(2, 9, 4, 32).transpose(1, 2)
+    ref_out, ref_map = eager_attention(q, k, v, text_lengths)
+    ref_out = layer.to_out[0](ref_out.transpose(1, 2).reshape(2, 30, 128))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(attn_map, ref_map)
+    assert torch.equal(mask, threshold_mask(ref_map, 0.2, text_lengths))
+    (out.square().mean() + attn_map.square().sum()).backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert set(layer.state_dict()) == {"to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"}
+    with pytest.raises(ValueError, match="head size of 32, 64 or 128"):
+        MaskedCrossAttention(dim=96, text_dim=48, heads=4)

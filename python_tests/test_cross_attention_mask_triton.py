@@ -17,6 +17,7 @@ from attention_reference import assert_within_torch_error, eager_attention  # no
 from test_cross_attention_mask import check_mask_contract, lengths_tensor, make_qkv  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = [pytest.mark.cuda] if CUDA else []  # part of scripts/gpu_check.sh's `-m cuda` run on a GPU
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -7,10 +7,14 @@
 // Backward: parallel over (sample, head). A task owns that head's dK and dV, so the sums over queries
 // need no reduction across threads and the result does not depend on the thread count.
 #include "../common/cross_attention.h"
+#include "vec_math_avx2.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -22,7 +26,7 @@
 namespace raphael_ext {
 namespace {
 
-constexpr int64_t kRows = 32;  // query rows per task: a [kRows, N_y] tile of scores stays in L1/L2
+constexpr int64_t kRows = 256;  // query rows per tile: a [kRows, N_y] fp32 score tile is at most 128 KiB
 constexpr char kOp[] = "cross_attention_mask";
 constexpr char kBackwardOp[] = "cross_attention_mask_backward";
 
@@ -48,45 +52,77 @@ at::Tensor checked_text_lengths(std::string_view op, const std::optional<at::Ten
   return lengths;
 }
 
+// dst[r, :] = factor * src row (i0 + r) of head (b, h), in the accumulation type.
 template <typename scalar_t, typename acc_t>
-void load_rows(acc_t* dst, const Rows4<const scalar_t>& src, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t d) {
+void load_rows(acc_t* dst, const Rows4<const scalar_t>& src, int64_t b, int64_t h, int64_t i0, int64_t n, int64_t d,
+               acc_t factor = acc_t(1)) {
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* row = src.row(b, h, i0 + r);
-    for (int64_t c = 0; c < d; ++c) dst[r * d + c] = static_cast<acc_t>(row[c]);
+    for (int64_t c = 0; c < d; ++c) dst[r * d + c] = factor * static_cast<acc_t>(row[c]);
   }
 }
 
-// scores[r, j] = scale * q[r] · k[j] for the nv valid keys; kt is the head's keys transposed [D, N_y],
-// so the inner loop runs over contiguous keys and vectorises. Forward and backward both call this, so
-// the recomputed probabilities are the forward's, bit for bit.
+// A row-major [rows, cols] matrix in a task's buffer, as a tensor for at::mm_out / at::addmm_out. The
+// matrix products go through ATen (MKL/oneDNN on x86), single-threaded inside a parallel task.
 template <typename acc_t>
-void tile_scores(acc_t* __restrict__ scores, const acc_t* __restrict__ qf, const acc_t* __restrict__ kt, int64_t n,
-                 int64_t nv, int64_t keys, int64_t d, acc_t scale) {
-  for (int64_t r = 0; r < n; ++r) {
-    acc_t* __restrict__ s = scores + r * keys;
-    std::fill(s, s + nv, acc_t(0));
-    for (int64_t c = 0; c < d; ++c) {
-      const acc_t qc = qf[r * d + c] * scale;
-      const acc_t* __restrict__ kc = kt + c * keys;
-      for (int64_t j = 0; j < nv; ++j) s[j] += qc * kc[j];
-    }
-  }
+at::Tensor matrix(acc_t* data, int64_t rows, int64_t cols) {
+  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-// dst[r] (+)= Σ_j coef[r, j] · rows[j] for the nv valid keys: P·V and dS·K.
-template <typename acc_t>
-void tile_combine_rows(acc_t* __restrict__ dst, const acc_t* __restrict__ coef, const acc_t* __restrict__ rows,
-                       int64_t n, int64_t nv, int64_t keys, int64_t d, acc_t scale) {
-  for (int64_t r = 0; r < n; ++r) {
-    acc_t* __restrict__ o = dst + r * d;
-    std::fill(o, o + d, acc_t(0));
-    for (int64_t j = 0; j < nv; ++j) {
-      const acc_t c = coef[r * keys + j] * scale;
-      const acc_t* __restrict__ row = rows + j * d;
-      for (int64_t e = 0; e < d; ++e) o[e] += c * row[e];
-    }
+#if RAPHAEL_HAVE_AVX2_PATH
+RAPHAEL_AVX2 double exp_shifted_avx2(float* x, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
   }
+  double sum = avx2::reduce_add(acc);
+  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
 }
+#endif
+
+#if RAPHAEL_HAVE_AVX2_PATH
+RAPHAEL_AVX2 float max_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float result = *std::max_element(lanes, lanes + 8);
+  for (; j < n; ++j) result = std::max(result, x[j]);
+  return result;
+}
+#endif
+
+template <typename acc_t>
+acc_t max_value(const acc_t* x, int64_t n) {
+#if RAPHAEL_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::cpu_has_avx2_fma()) return max_avx2(x, n);
+  }
+#endif
+  return *std::max_element(x, x + n);
+}
+
+// x[j] = exp(x[j] - shift) for j < n; returns the sum. Forward and backward both use it, so the
+// probabilities the backward recomputes from the log-sum-exp are the forward's.
+template <typename acc_t>
+acc_t exp_shifted(acc_t* x, int64_t n, acc_t shift) {
+#if RAPHAEL_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx2::cpu_has_avx2_fma()) return static_cast<float>(exp_shifted_avx2(x, n, shift));
+  }
+#endif
+  acc_t sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
+  return sum;
+}
+
+// Tiles below are row-major with leading dimension nv (the sample's valid keys) or D.
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
@@ -96,15 +132,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t B = a.batch, H = a.heads, Nx = a.queries, Ny = a.keys, D = a.head_dim;
   const int64_t tiles = (Nx + kRows - 1) / kRows;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor kt = k.to(acc_dtype).transpose(2, 3).contiguous();  // [B, H, D, N_y]
-  const at::Tensor vf = v.to(acc_dtype).contiguous();                  // [B, H, N_y, D]
+  const at::Tensor kf = k.to(acc_dtype).contiguous();  // [B, H, N_y, D]
+  const at::Tensor vf = v.to(acc_dtype).contiguous();
   const at::Tensor qv = unit_inner_stride(q);
   at::Tensor column_max_part = at::empty({B, tiles, Ny}, q.options().dtype(acc_dtype));
 
   const Rows4<const scalar_t> q_rows(qv);
   const Rows4<scalar_t> out_rows(out);
-  const acc_t* kt_data = kt.data_ptr<acc_t>();
-  const acc_t* v_data = vf.data_ptr<acc_t>();
+  acc_t* kf_data = kf.data_ptr<acc_t>();
+  acc_t* vf_data = vf.data_ptr<acc_t>();
   scalar_t* map_data = attn_map.data_ptr<scalar_t>();
   acc_t* lse_data = lse.data_ptr<acc_t>();
   acc_t* part_data = column_max_part.data_ptr<acc_t>();
@@ -120,28 +156,30 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t nv = valid_keys(len_data, b, Ny);
       std::fill(map_acc.begin(), map_acc.end(), acc_t(0));
       for (int64_t h = 0; h < H; ++h) {
-        const acc_t* kt_h = kt_data + (b * H + h) * D * Ny;
-        const acc_t* v_h = v_data + (b * H + h) * Ny * D;
         acc_t* lse_h = lse_data + (b * H + h) * Nx + i0;
-        load_rows(qf.data(), q_rows, b, h, i0, n, D);
-        tile_scores(probs.data(), qf.data(), kt_h, n, nv, Ny, D, scale);
-        for (int64_t r = 0; r < n; ++r) {
-          acc_t* p = probs.data() + r * Ny;
-          if (nv == 0) {  // no valid key: out and map are 0 (a decision, documented in the wrapper)
+        if (nv == 0) {  // no valid key: out and map are 0 (a decision, documented in the wrapper)
+          for (int64_t r = 0; r < n; ++r) {
+            std::fill(out_rows.row(b, h, i0 + r), out_rows.row(b, h, i0 + r) + D, scalar_t(0));
             lse_h[r] = -std::numeric_limits<acc_t>::infinity();
-            continue;
           }
-          const acc_t m = *std::max_element(p, p + nv);
-          acc_t sum = 0;
-          for (int64_t j = 0; j < nv; ++j) sum += (p[j] = std::exp(p[j] - m));
+          continue;
+        }
+        at::Tensor k_h = matrix(kf_data + (b * H + h) * Ny * D, nv, D);
+        at::Tensor v_h = matrix(vf_data + (b * H + h) * Ny * D, nv, D);
+        load_rows(qf.data(), q_rows, b, h, i0, n, D, scale);  // scores = (scale·q)·kᵀ, also in backward
+        at::Tensor s = matrix(probs.data(), n, nv);
+        at::mm_out(s, matrix(qf.data(), n, D), k_h.t());
+        for (int64_t r = 0; r < n; ++r) {
+          acc_t* p = probs.data() + r * nv;
+          const acc_t m = max_value(p, nv);
+          const acc_t sum = exp_shifted(p, nv, m);
           const acc_t inv = acc_t(1) / sum;
-          for (int64_t j = 0; j < nv; ++j) {
-            p[j] *= inv;
-            map_acc[r * Ny + j] += p[j];
-          }
+          acc_t* acc = map_acc.data() + r * Ny;
+          for (int64_t j = 0; j < nv; ++j) acc[j] += (p[j] *= inv);
           lse_h[r] = m + std::log(sum);
         }
-        tile_combine_rows(of.data(), probs.data(), v_h, n, nv, Ny, D, acc_t(1));
+        at::Tensor o_t = matrix(of.data(), n, D);
+        at::mm_out(o_t, s, v_h);
         for (int64_t r = 0; r < n; ++r) {
           scalar_t* o = out_rows.row(b, h, i0 + r);
           for (int64_t e = 0; e < D; ++e) o[e] = static_cast<scalar_t>(of[r * D + e]);
@@ -204,95 +242,86 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_map, con
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = a.batch, H = a.heads, Nx = a.queries, Ny = a.keys, D = a.head_dim;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const at::Tensor kf = k.to(acc_dtype).contiguous();                  // [B, H, N_y, D]
-  const at::Tensor kt = kf.transpose(2, 3).contiguous();               // [B, H, D, N_y]
-  const at::Tensor vt = v.to(acc_dtype).transpose(2, 3).contiguous();  // [B, H, D, N_y]
+  const at::Tensor kf = k.to(acc_dtype).contiguous();  // [B, H, N_y, D]
+  const at::Tensor vf = v.to(acc_dtype).contiguous();
   const at::Tensor qv = unit_inner_stride(q);
   const at::Tensor lse_c = lse.contiguous();
   const bool has_grad_out = grad_out.defined(), has_grad_map = grad_map.defined();
   const at::Tensor go = has_grad_out ? unit_inner_stride(grad_out) : at::Tensor();
   const at::Tensor gm = has_grad_map ? grad_map.contiguous() : at::Tensor();
+  // dK and dV in the accumulation type, one [N_y, D] block per (sample, head), owned by one task.
+  at::Tensor dk_acc = at::zeros({B, H, Ny, D}, q.options().dtype(acc_dtype));
+  at::Tensor dv_acc = at::zeros({B, H, Ny, D}, q.options().dtype(acc_dtype));
 
   const Rows4<const scalar_t> q_rows(qv);
   const Rows4<scalar_t> dq_rows(dq);
-  const acc_t* kf_data = kf.data_ptr<acc_t>();
-  const acc_t* kt_data = kt.data_ptr<acc_t>();
-  const acc_t* vt_data = vt.data_ptr<acc_t>();
+  acc_t* kf_data = kf.data_ptr<acc_t>();
+  acc_t* vf_data = vf.data_ptr<acc_t>();
+  acc_t* dk_data = dk_acc.data_ptr<acc_t>();
+  acc_t* dv_data = dv_acc.data_ptr<acc_t>();
   const acc_t* lse_data = lse_c.data_ptr<acc_t>();
   const scalar_t* gm_data = has_grad_map ? gm.data_ptr<scalar_t>() : nullptr;
-  scalar_t* dk_data = dk.data_ptr<scalar_t>();
-  scalar_t* dv_data = dv.data_ptr<scalar_t>();
   const int* len_data = lengths.defined() ? lengths.data_ptr<int>() : nullptr;
   const acc_t scale = static_cast<acc_t>(a.scale);
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(H);
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(kRows * D), gof(kRows * D), probs(kRows * Ny), dscores(kRows * Ny), dqf(kRows * D);
-    std::vector<acc_t> dk_acc(Ny * D), dv_acc(Ny * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const int64_t nv = valid_keys(len_data, b, Ny);
-      const acc_t* kf_h = kf_data + task * Ny * D;
-      const acc_t* kt_h = kt_data + task * D * Ny;
-      const acc_t* vt_h = vt_data + task * D * Ny;
-      std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-      std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+      if (nv == 0) {  // no key took part: dQ is 0 (dK, dV stay 0)
+        for (int64_t i = 0; i < Nx; ++i) std::fill(dq_rows.row(b, h, i), dq_rows.row(b, h, i) + D, scalar_t(0));
+        continue;
+      }
+      const at::Tensor k_h = matrix(kf_data + task * Ny * D, nv, D);
+      const at::Tensor v_h = matrix(vf_data + task * Ny * D, nv, D);
+      at::Tensor dk_h = matrix(dk_data + task * Ny * D, nv, D);
+      at::Tensor dv_h = matrix(dv_data + task * Ny * D, nv, D);
       for (int64_t i0 = 0; i0 < Nx; i0 += kRows) {
         const int64_t n = std::min(kRows, Nx - i0);
-        load_rows(qf.data(), q_rows, b, h, i0, n, D);
-        tile_scores(probs.data(), qf.data(), kt_h, n, nv, Ny, D, scale);
+        const at::Tensor q_t = matrix(qf.data(), n, D), go_t = matrix(gof.data(), n, D);
+        at::Tensor p_t = matrix(probs.data(), n, nv), ds_t = matrix(dscores.data(), n, nv);
+        load_rows(qf.data(), q_rows, b, h, i0, n, D, scale);  // scale·q, as in the forward
+        at::mm_out(p_t, q_t, k_h.t());
         for (int64_t r = 0; r < n; ++r) {  // P, recomputed from the saved log-sum-exp
-          const acc_t l = lse_data[task * Nx + i0 + r];
-          for (int64_t j = 0; j < nv; ++j) probs[r * Ny + j] = std::exp(probs[r * Ny + j] - l);
+          exp_shifted(probs.data() + r * nv, nv, lse_data[task * Nx + i0 + r]);
         }
         // dP = dO·Vᵀ + dM / H (the map is the head mean, so each head gets dM / H)
         if (has_grad_out) {
           const Rows4<const scalar_t> go_rows(go);
           load_rows(gof.data(), go_rows, b, h, i0, n, D);
-          tile_scores(dscores.data(), gof.data(), vt_h, n, nv, Ny, D, acc_t(1));
+          at::mm_out(ds_t, go_t, v_h.t());
         } else {
-          std::fill(dscores.begin(), dscores.end(), acc_t(0));
+          std::fill(dscores.begin(), dscores.begin() + n * nv, acc_t(0));
         }
         if (has_grad_map) {
           for (int64_t r = 0; r < n; ++r) {
             const scalar_t* gm_row = gm_data + (b * Nx + i0 + r) * Ny;
-            for (int64_t j = 0; j < nv; ++j) dscores[r * Ny + j] += static_cast<acc_t>(gm_row[j]) * inv_heads;
+            for (int64_t j = 0; j < nv; ++j) dscores[r * nv + j] += static_cast<acc_t>(gm_row[j]) * inv_heads;
           }
         }
         // dS = P ∘ (dP − rowsum(P ∘ dP)); the whole row is here, so the rowsum needs no saved output.
         for (int64_t r = 0; r < n; ++r) {
-          const acc_t* p = probs.data() + r * Ny;
-          acc_t* ds = dscores.data() + r * Ny;
+          const acc_t* p = probs.data() + r * nv;
+          acc_t* ds = dscores.data() + r * nv;
           acc_t dot = 0;
           for (int64_t j = 0; j < nv; ++j) dot += p[j] * ds[j];
           for (int64_t j = 0; j < nv; ++j) ds[j] = p[j] * (ds[j] - dot);
         }
-        tile_combine_rows(dqf.data(), dscores.data(), kf_h, n, nv, Ny, D, scale);  // dQ = scale · dS·K
+        at::Tensor dq_t = matrix(dqf.data(), n, D);
+        at::mm_out(dq_t, ds_t, k_h);  // dQ = scale · dS·K
         for (int64_t r = 0; r < n; ++r) {
           scalar_t* row = dq_rows.row(b, h, i0 + r);
-          for (int64_t e = 0; e < D; ++e) row[e] = static_cast<scalar_t>(dqf[r * D + e]);
+          for (int64_t e = 0; e < D; ++e) row[e] = static_cast<scalar_t>(dqf[r * D + e] * scale);
         }
-        for (int64_t r = 0; r < n; ++r) {  // dK += scale · dSᵀ·Q, dV += Pᵀ·dO
-          for (int64_t j = 0; j < nv; ++j) {
-            const acc_t cs = dscores[r * Ny + j] * scale;
-            acc_t* __restrict__ dkj = dk_acc.data() + j * D;
-            const acc_t* __restrict__ qr = qf.data() + r * D;
-            for (int64_t e = 0; e < D; ++e) dkj[e] += cs * qr[e];
-            if (has_grad_out) {
-              const acc_t cp = probs[r * Ny + j];
-              acc_t* __restrict__ dvj = dv_acc.data() + j * D;
-              const acc_t* __restrict__ gr = gof.data() + r * D;
-              for (int64_t e = 0; e < D; ++e) dvj[e] += cp * gr[e];
-            }
-          }
-        }
-      }
-      for (int64_t idx = 0; idx < Ny * D; ++idx) {
-        dk_data[task * Ny * D + idx] = static_cast<scalar_t>(dk_acc[idx]);
-        dv_data[task * Ny * D + idx] = static_cast<scalar_t>(dv_acc[idx]);
+        at::addmm_out(dk_h, dk_h, ds_t.t(), q_t);  // dK += dSᵀ·(scale·Q)
+        if (has_grad_out) at::addmm_out(dv_h, dv_h, p_t.t(), go_t);  // dV += Pᵀ·dO
       }
     }
   });
+  dk.copy_(dk_acc);
+  dv.copy_(dv_acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_mask_backward_cpu(

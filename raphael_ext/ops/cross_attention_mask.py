@@ -58,6 +58,9 @@ def _check_fake_args(q, k, v, text_lengths):
     torch._check(q.dtype == k.dtype == v.dtype, lambda: "cross_attention_mask: q, k, v must share a dtype")
     if text_lengths is not None:
         torch._check(text_lengths.shape == (q.shape[0],), lambda: "cross_attention_mask: text_lengths must be [B]")
+        torch._check(
+            text_lengths.device == q.device, lambda: "cross_attention_mask: text_lengths must be on the device of q"
+        )
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
