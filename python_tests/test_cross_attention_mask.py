@@ -298,8 +298,9 @@ def test_bad_arguments_raise_clear_errors(device):
     with pytest.raises(ValueError, match="alpha must be finite"):
         cross_attention_mask(q, k, v, float("nan"))
     if device == "cpu":
-        with pytest.raises(ValueError, match=r"text_lengths must lie in \[0, N_y\]"):
-            cross_attention_mask(q, k, v, 0.2, lengths_tensor([6, 1], device))
+        for bad in ([6, 1], [2**32, 1], [-1, 2]):  # 2**32 must not wrap to 0 on the way to int32
+            with pytest.raises(ValueError, match=r"text_lengths must lie in \[0, N_y\]"):
+                cross_attention_mask(q, k, v, 0.2, lengths_tensor(bad, device))
         with pytest.raises(RuntimeError, match="text_lengths must be on the device of q"):
             cross_attention_mask(q, k, v, 0.2, lengths_tensor([5, 1], "meta"))
     else:
@@ -341,7 +342,7 @@ def test_cuda_deterministic_and_clamps_lengths():
         runs.append((out, attn_map, mask, *torch.autograd.grad(out.float().sum() + attn_map.float().sum(), (q, k, v))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    clamped = cross_attention_mask(q, k, v, 0.2, lengths_tensor([100, -3], "cuda"))
+    clamped = cross_attention_mask(q, k, v, 0.2, lengths_tensor([2**32 + 5, -3], "cuda"))
     expected = cross_attention_mask(q, k, v, 0.2, lengths_tensor([77, 0], "cuda"))
     for a, b in zip(clamped, expected):
         assert torch.equal(a, b)

@@ -42,14 +42,14 @@ struct Rows4 {
 // text_lengths as contiguous int32 with every value in [0, N_y] (an empty tensor when not given).
 at::Tensor checked_text_lengths(std::string_view op, const std::optional<at::Tensor>& text_lengths, int64_t keys) {
   if (!text_lengths.has_value()) return at::Tensor();
-  at::Tensor lengths = text_lengths->to(at::kInt).contiguous();
-  if (lengths.numel() > 0) {
-    const int* p = lengths.data_ptr<int>();
-    const auto [lo, hi] = std::minmax_element(p, p + lengths.numel());
+  const at::Tensor wide = text_lengths->to(at::kLong).contiguous();  // checked before narrowing to int32
+  if (wide.numel() > 0) {
+    const int64_t* p = wide.data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(p, p + wide.numel());
     TORCH_CHECK_VALUE(*lo >= 0 && *hi <= keys, op, ": text_lengths must lie in [0, N_y] = [0, ", keys, "], got values in [",
                       *lo, ", ", *hi, "]");
   }
-  return lengths;
+  return wide.to(at::kInt);
 }
 
 // dst[r, :] = factor * src row (i0 + r) of head (b, h), in the accumulation type.
@@ -60,6 +60,13 @@ void load_rows(acc_t* dst, const Rows4<const scalar_t>& src, int64_t b, int64_t 
     const scalar_t* row = src.row(b, h, i0 + r);
     for (int64_t c = 0; c < d; ++c) dst[r * d + c] = factor * static_cast<acc_t>(row[c]);
   }
+}
+
+// Tasks per thread: problems below ~2 M multiply-adds run on one thread, where waking a thread pool
+// costs more than it saves (gradcheck calls the op thousands of times on tiny inputs).
+int64_t task_grain(const CrossAttentionArgs& a, int64_t tasks) {
+  const int64_t work = a.batch * a.heads * a.queries * a.keys * a.head_dim;
+  return work < (int64_t(1) << 21) ? std::max<int64_t>(tasks, 1) : 1;
 }
 
 // A row-major [rows, cols] matrix in a task's buffer, as a tensor for at::mm_out / at::addmm_out. The
@@ -148,7 +155,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const acc_t scale = static_cast<acc_t>(a.scale);
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(H);
 
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * tiles, task_grain(a, B * tiles), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(kRows * D), probs(kRows * Ny), map_acc(kRows * Ny), of(kRows * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, tile = task % tiles;
@@ -265,7 +272,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_map, con
   const acc_t scale = static_cast<acc_t>(a.scale);
   const acc_t inv_heads = acc_t(1) / static_cast<acc_t>(H);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, task_grain(a, B * H), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(kRows * D), gof(kRows * D), probs(kRows * Ny), dscores(kRows * Ny), dqf(kRows * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;

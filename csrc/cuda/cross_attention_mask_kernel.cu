@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace raphael_ext {
 namespace {
@@ -75,33 +76,33 @@ __host__ __device__ constexpr size_t align32(size_t bytes) { return (bytes + 31)
 
 // Shared-memory layout of the forward kernel, computed the same way by the launcher and the kernel.
 // Row paddings keep WMMA's 32-byte fragment alignment (16-bit: +8 elements) or, on the SIMT path,
-// make a column walk across rows hit different banks (+1).
+// make a column walk across rows hit different banks (+1). Buffers with disjoint lifetimes share rows:
+// a warp's P (16-bit) overwrites its own Q rows once its scores exist, and its O tile (fp32) overwrites
+// its own S rows once P exists, so D = 64, N_y = 77 needs 76 KiB and D = N_y = 128 needs 150 KiB.
 struct ForwardSmem {
-  int keys_pad, ld_in, ld_s, ld_p, ld_o;
-  size_t k_off, v_off, q_off, s_off, p_off, o_off, m_off, bytes;
+  int keys_pad;
+  int ld_kv;  // K and V rows (elements)
+  int ld_qp;  // Q rows, then P rows (elements)
+  int ld_so;  // S rows, then O rows (floats)
+  size_t k_off, v_off, qp_off, so_off, m_off, bytes;
 };
 
 __host__ __device__ inline ForwardSmem forward_smem(int keys, int head_dim, int elem_bytes, bool tensor_cores,
                                                    int block_rows) {
   ForwardSmem s{};
   s.keys_pad = round_up(keys, 16);
-  s.ld_in = tensor_cores ? head_dim + 8 : head_dim + 1;
-  s.ld_s = s.keys_pad + 4;
-  s.ld_p = s.keys_pad + 8;
-  s.ld_o = head_dim + 4;
+  s.ld_kv = tensor_cores ? head_dim + 8 : head_dim + 1;
+  s.ld_qp = tensor_cores ? max(head_dim, s.keys_pad) + 8 : head_dim + 1;
+  s.ld_so = tensor_cores ? max(head_dim, s.keys_pad) + 4 : s.keys_pad + 4;
   size_t off = 0;
   s.k_off = off;
-  off = align32(off + size_t(s.keys_pad) * s.ld_in * elem_bytes);
+  off = align32(off + size_t(s.keys_pad) * s.ld_kv * elem_bytes);
   s.v_off = off;
-  off = align32(off + size_t(s.keys_pad) * s.ld_in * elem_bytes);
-  s.q_off = off;
-  off = align32(off + size_t(block_rows) * s.ld_in * elem_bytes);
-  s.s_off = off;
-  off = align32(off + size_t(block_rows) * s.ld_s * sizeof(float));
-  s.p_off = off;
-  if (tensor_cores) off = align32(off + size_t(block_rows) * s.ld_p * elem_bytes);
-  s.o_off = off;
-  if (tensor_cores) off = align32(off + size_t(block_rows) * s.ld_o * sizeof(float));
+  off = align32(off + size_t(s.keys_pad) * s.ld_kv * elem_bytes);
+  s.qp_off = off;
+  off = align32(off + size_t(block_rows) * s.ld_qp * elem_bytes);
+  s.so_off = off;
+  off = align32(off + size_t(block_rows) * s.ld_so * sizeof(float));
   s.m_off = off;
   off = align32(off + size_t(block_rows) * s.keys_pad * sizeof(float));
   s.bytes = off;
@@ -120,8 +121,9 @@ __device__ void load_rows(scalar_t* dst, int ld, const scalar_t* src, int64_t ro
     Pack<scalar_t, kVec> pack;
     if (r < valid_rows) {
       const scalar_t* p = src + r * row_stride + c;
-      if (vector_loads) {
-        pack = *reinterpret_cast<const Pack<scalar_t, kVec>*>(p);
+      if (vector_loads) {  // one 16-byte load
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
+        memcpy(&pack, &raw, sizeof(raw));
       } else {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) pack.v[e] = p[e];
@@ -150,12 +152,14 @@ __device__ void warp_scores(float* scores, const scalar_t* qs, const scalar_t* k
       for (int kt = 0; kt < kHeadDim / 16; ++kt) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // K row-major is Kᵀ column-major
-        wmma::load_matrix_sync(a, reinterpret_cast<const T*>(qs) + kt * 16, L.ld_in);
-        wmma::load_matrix_sync(b, reinterpret_cast<const T*>(ks) + nt * 16 * L.ld_in + kt * 16, L.ld_in);
+        wmma::load_matrix_sync(a, reinterpret_cast<const T*>(qs) + kt * 16, L.ld_qp);
+        wmma::load_matrix_sync(b, reinterpret_cast<const T*>(ks) + nt * 16 * L.ld_kv + kt * 16, L.ld_kv);
         wmma::mma_sync(acc, a, b, acc);
       }
-      wmma::store_matrix_sync(scores + nt * 16, acc, L.ld_s, wmma::mem_row_major);
+      wmma::store_matrix_sync(scores + nt * 16, acc, L.ld_so, wmma::mem_row_major);
     }
+#elif defined(__CUDA_ARCH__)
+    __trap();  // never launched: the launcher takes this path only for kernels built for sm_80+
 #endif
   } else {
     for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -163,8 +167,8 @@ __device__ void warp_scores(float* scores, const scalar_t* qs, const scalar_t* k
         float acc = 0.0f;
 #pragma unroll 8
         for (int d = 0; d < kHeadDim; ++d)
-          acc += static_cast<float>(qs[r * L.ld_in + d]) * static_cast<float>(ks[j * L.ld_in + d]);
-        scores[r * L.ld_s + j] = acc;
+          acc += static_cast<float>(qs[r * L.ld_qp + d]) * static_cast<float>(ks[j * L.ld_kv + d]);
+        scores[r * L.ld_so + j] = acc;
       }
     }
   }
@@ -186,17 +190,19 @@ __device__ void warp_attend_values(scalar_t* out, int64_t out_row_stride, const 
       for (int kt = 0; kt < key_tiles; ++kt) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, reinterpret_cast<const T*>(probs_16) + kt * 16, L.ld_p);
-        wmma::load_matrix_sync(b, reinterpret_cast<const T*>(vs) + kt * 16 * L.ld_in + dt * 16, L.ld_in);
+        wmma::load_matrix_sync(a, reinterpret_cast<const T*>(probs_16) + kt * 16, L.ld_qp);
+        wmma::load_matrix_sync(b, reinterpret_cast<const T*>(vs) + kt * 16 * L.ld_kv + dt * 16, L.ld_kv);
         wmma::mma_sync(acc, a, b, acc);
       }
-      wmma::store_matrix_sync(out_tile + dt * 16, acc, L.ld_o, wmma::mem_row_major);
+      wmma::store_matrix_sync(out_tile + dt * 16, acc, L.ld_so, wmma::mem_row_major);
     }
     __syncwarp();
     for (int idx = lane; idx < kRowsPerWarp * kHeadDim; idx += 32) {
       const int r = idx / kHeadDim, d = idx % kHeadDim;
-      if (r < valid_rows) out[r * out_row_stride + d] = static_cast<scalar_t>(out_tile[r * L.ld_o + d]);
+      if (r < valid_rows) out[r * out_row_stride + d] = static_cast<scalar_t>(out_tile[r * L.ld_so + d]);
     }
+#elif defined(__CUDA_ARCH__)
+    __trap();
 #endif
   } else {
     for (int r = 0; r < min(kRowsPerWarp, valid_rows); ++r) {
@@ -204,7 +210,7 @@ __device__ void warp_attend_values(scalar_t* out, int64_t out_row_stride, const 
       for (int c = 0; c < kHeadDim / 32; ++c) {
         const int d = lane + 32 * c;
         float acc = 0.0f;
-        for (int j = 0; j < nv; ++j) acc += probs_f32[r * L.ld_s + j] * static_cast<float>(vs[j * L.ld_in + d]);
+        for (int j = 0; j < nv; ++j) acc += probs_f32[r * L.ld_so + j] * static_cast<float>(vs[j * L.ld_kv + d]);
         out[r * out_row_stride + d] = static_cast<scalar_t>(acc);
       }
     }
@@ -223,10 +229,10 @@ __global__ void __launch_bounds__(kThreads)
   const ForwardSmem L = forward_smem(keys, kHeadDim, sizeof(scalar_t), kTensorCores, kBlockRows);
   scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem + L.k_off);
   scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + L.v_off);
-  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + L.q_off);
-  float* s_tile = reinterpret_cast<float*>(smem + L.s_off);
-  scalar_t* p_tile = reinterpret_cast<scalar_t*>(smem + L.p_off);
-  float* o_tile = reinterpret_cast<float*>(smem + L.o_off);
+  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + L.qp_off);  // then P (tensor-core path)
+  scalar_t* p_tile = q_tile;
+  float* s_tile = reinterpret_cast<float*>(smem + L.so_off);  // then O (tensor-core path)
+  float* o_tile = s_tile;
   float* map_acc = reinterpret_cast<float*>(smem + L.m_off);
 
   const int b = blockIdx.y;
@@ -252,14 +258,14 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     __syncthreads();  // every warp is done with the previous head's tiles
-    load_rows<scalar_t, kHeadDim>(k_tile, L.ld_in, k + b * ks.b + h * ks.h, ks.row, key_tiles * 16, nv, vector_loads);
-    load_rows<scalar_t, kHeadDim>(v_tile, L.ld_in, v + b * vs.b + h * vs.h, vs.row, key_tiles * 16, nv, vector_loads);
-    load_rows<scalar_t, kHeadDim>(q_tile, L.ld_in, q + b * qs.b + h * qs.h + row0 * qs.row, qs.row, kBlockRows,
+    load_rows<scalar_t, kHeadDim>(k_tile, L.ld_kv, k + b * ks.b + h * ks.h, ks.row, key_tiles * 16, nv, vector_loads);
+    load_rows<scalar_t, kHeadDim>(v_tile, L.ld_kv, v + b * vs.b + h * vs.h, vs.row, key_tiles * 16, nv, vector_loads);
+    load_rows<scalar_t, kHeadDim>(q_tile, L.ld_qp, q + b * qs.b + h * qs.h + row0 * qs.row, qs.row, kBlockRows,
                                   block_rows, vector_loads);
     __syncthreads();
 
-    float* scores = s_tile + warp_row0 * L.ld_s;
-    warp_scores<scalar_t, kHeadDim, kTensorCores, kRowsPerWarp>(scores, q_tile + warp_row0 * L.ld_in, k_tile, L,
+    float* scores = s_tile + warp_row0 * L.ld_so;
+    warp_scores<scalar_t, kHeadDim, kTensorCores, kRowsPerWarp>(scores, q_tile + warp_row0 * L.ld_qp, k_tile, L,
                                                                 key_tiles, lane);
     __syncwarp();
     // Row softmax over the nv valid keys (lanes over keys), the head-mean accumulation and the lse.
@@ -269,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int c = 0; c < kKeyChunks; ++c) {
         const int j = lane + 32 * c;
-        e[c] = j < nv ? scores[r * L.ld_s + j] * scale : -INFINITY;
+        e[c] = j < nv ? scores[r * L.ld_so + j] * scale : -INFINITY;
         row_max = fmaxf(row_max, e[c]);
       }
       row_max = warp_allreduce_max(row_max);
@@ -287,9 +293,9 @@ __global__ void __launch_bounds__(kThreads)
         if (j < key_tiles * 16) {
           const float p = e[c] * inv;  // 0 for the padded keys nv <= j < key_tiles * 16
           if constexpr (kTensorCores) {
-            p_tile[(warp_row0 + r) * L.ld_p + j] = static_cast<scalar_t>(p);
+            p_tile[(warp_row0 + r) * L.ld_qp + j] = static_cast<scalar_t>(p);
           } else {
-            scores[r * L.ld_s + j] = p;
+            scores[r * L.ld_so + j] = p;
           }
           map_acc[(warp_row0 + r) * L.keys_pad + j] += p;
         }
@@ -298,7 +304,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncwarp();
     warp_attend_values<scalar_t, kHeadDim, kTensorCores, kRowsPerWarp>(
-        out_rows, out_row_stride, scores, p_tile + warp_row0 * L.ld_p, o_tile + warp_row0 * L.ld_o, v_tile, L, nv,
+        out_rows, out_row_stride, scores, p_tile + warp_row0 * L.ld_qp, o_tile + warp_row0 * L.ld_so, v_tile, L, nv,
         key_tiles, warp_rows, lane);
   }
   __syncthreads();
@@ -392,8 +398,18 @@ void check_launch_limits(const CrossAttentionArgs& a) {
               ": N_x * H * D must stay below 2^31 per sample on CUDA, got ", a.queries * a.heads * a.head_dim);
 }
 
-at::Tensor device_lengths(const std::optional<at::Tensor>& text_lengths) {
-  return text_lengths.has_value() ? text_lengths->to(at::kInt).contiguous() : at::Tensor();
+// Clamped to [0, N_y] before the cast, so large int64 values cannot wrap (no host sync needed).
+at::Tensor device_lengths(const std::optional<at::Tensor>& text_lengths, int64_t keys) {
+  return text_lengths.has_value() ? text_lengths->clamp(0, keys).to(at::kInt).contiguous() : at::Tensor();
+}
+
+// The tensor-core forward needs code generated for sm_80+: a build for older archs (e.g. "7.5+PTX")
+// JIT-compiled on a newer GPU gets the SIMT path instead.
+template <typename Kernel>
+bool built_for_sm80(Kernel kernel) {
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= 80;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_mask_cuda(
@@ -404,20 +420,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_mask_
   check_launch_limits(a);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = unit_inner_stride(q_in), k = unit_inner_stride(k_in), v = unit_inner_stride(v_in);
-  const at::Tensor lengths = device_lengths(text_lengths);
+  const at::Tensor lengths = device_lengths(text_lengths, a.keys);
   at::Tensor out = at::empty({a.batch, a.queries, a.heads, a.head_dim}, q.options()).transpose(1, 2);
   at::Tensor attn_map = at::empty({a.batch, a.queries, a.keys}, q.options());
   at::Tensor mask = at::empty({a.batch, a.queries, a.keys}, q.options().dtype(at::kBool));
   at::Tensor lse = at::empty({a.batch, a.heads, a.queries}, q.options().dtype(at::kFloat));
   if (a.batch * a.queries == 0) return {out, attn_map, mask, lse};
   at::Tensor column_max = at::zeros({a.batch, a.keys}, q.options().dtype(at::kFloat));
-  const bool tensor_cores = q.scalar_type() != at::kFloat && at::cuda::getCurrentDeviceProperties()->major >= 8;
   DISPATCH_CUDA_FLOATING_TYPES(q.scalar_type(), kOp, [&] {
     dispatch_head_dim(a.head_dim, [&](auto head_dim) {
       constexpr int kHeadDim = decltype(head_dim)::value;
       if constexpr (std::is_same_v<scalar_t, float>) {
         launch_forward<scalar_t, kHeadDim, false>(q, k, v, lengths, a, out, attn_map, lse, column_max);
-      } else if (tensor_cores) {
+      } else if (at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+                 built_for_sm80(forward_kernel<scalar_t, kHeadDim, true>)) {
         launch_forward<scalar_t, kHeadDim, true>(q, k, v, lengths, a, out, attn_map, lse, column_max);
       } else {
         launch_forward<scalar_t, kHeadDim, false>(q, k, v, lengths, a, out, attn_map, lse, column_max);
@@ -680,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_mask_backward_cud
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor go = grad_out.has_value() ? unit_inner_stride(*grad_out) : at::Tensor();
   const at::Tensor gm = grad_attn_map.has_value() ? grad_attn_map->contiguous() : at::Tensor();
-  const at::Tensor lengths = device_lengths(text_lengths);
+  const at::Tensor lengths = device_lengths(text_lengths, a.keys);
   at::Tensor dq = at::empty({a.batch, a.queries, a.heads, a.head_dim}, q.options()).transpose(1, 2);
   at::Tensor dk = at::empty({a.batch, a.heads, a.keys, a.head_dim}, q.options());
   at::Tensor dv = at::empty({a.batch, a.heads, a.keys, a.head_dim}, q.options());
