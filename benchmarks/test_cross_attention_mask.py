@@ -119,7 +119,7 @@ def test_cross_attention_mask_forward(run, benchmark, case, provider):
     q, k, v = make_inputs(device, dtype, B, H, Nx, Ny, D, requires_grad=False)
     record(benchmark, group, provider, device, nbytes)
     benchmark.extra_info["peak_bytes"] = peak_bytes(lambda: fn(q, k, v), device)
-    run(lambda: fn(q, k, v), device, rounds=20 if device == "cuda" else 5, warmup=2)
+    run(lambda: fn(q, k, v), device, rounds=20, warmup=2)
 
 
 @pytest.mark.parametrize("provider", ["raphael_ext", "sdpa + map pass", "eager"])
@@ -139,4 +139,4 @@ def test_cross_attention_mask_forward_backward(run, benchmark, case, provider):
 
     record(benchmark, f"cross_attention_mask fwd+bwd {case_id(case)}", provider, device)
     benchmark.extra_info["peak_bytes"] = peak_bytes(step, device)
-    run(step, device, rounds=10 if device == "cuda" else 3, warmup=1)
+    run(step, device, rounds=10, warmup=2)

@@ -313,6 +313,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_map, con
           const acc_t* p = probs.data() + r * nv;
           acc_t* ds = dscores.data() + r * nv;
           acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
           for (int64_t j = 0; j < nv; ++j) dot += p[j] * ds[j];
           for (int64_t j = 0; j < nv; ++j) ds[j] = p[j] * (ds[j] - dot);
         }
