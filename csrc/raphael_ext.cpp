@@ -31,6 +31,22 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def(
       "sigmoid_focal_loss(Tensor logits, Tensor targets, float alpha, float gamma, str reduction, "
       "Tensor? sample_mask) -> (Tensor, Tensor, Tensor)");
+  // Expert GEMMs (SPEC §3.2, csrc/common/moe.h). grouped_gemm: c[rows of g] = act(a[rows of g] @ b[g] + bias[g])
+  // with offsets int32 [E] the cumulative row ends; rows past offsets[E-1] are zero.
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor offsets, Tensor? bias=None, str? activation=None) -> Tensor");
+  // (db [E, K, N], dbias [E, N]) with db[g] = a[rows of g]^T grad[rows of g]: grouped_gemm's weight gradient.
+  m.def("grouped_gemm_weight_grad(Tensor a, Tensor grad, Tensor offsets) -> (Tensor, Tensor)");
+  // Returns (y, expert_out, offsets, pair_index, weight, z): y and the routing plan the backward reuses.
+  m.def(
+      "space_moe(Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor? text_lengths=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (dx, dgate, dw1, db1, dw2, db2) from grad_y, the forward's inputs and its saved outputs.
+  m.def(
+      "space_moe_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, "
+      "Tensor w2, Tensor b2, Tensor? text_lengths, Tensor expert_out, Tensor offsets, Tensor pair_index, "
+      "Tensor weight, Tensor z) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Composite (csrc/composite/time_moe.cpp): autograd comes from grouped_gemm's.
+  m.def("time_moe(Tensor x, Tensor route, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
 }
 
 namespace {
