@@ -1,5 +1,8 @@
 """Python entry points of the raphael_ext ops (SPEC §3); each module registers its op's autograd and fake kernels."""
 
 from .focal_loss import sigmoid_focal_loss
+from .grouped_gemm import grouped_gemm
+from .space_moe import space_moe
+from .time_moe import time_moe
 
-__all__ = ["sigmoid_focal_loss"]
+__all__ = ["grouped_gemm", "sigmoid_focal_loss", "space_moe", "time_moe"]
