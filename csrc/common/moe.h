@@ -174,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   MoePlan plan = Backend::plan(mask, route, gate, text_lengths, s.experts, s.capacity);
   const at::Tensor xg = Backend::dispatch(tokens, plan.pair_index, std::nullopt, s.capacity);
   const at::Tensor hidden = Backend::grouped_gemm(xg, w1, plan.offsets, b1, /*gelu=*/true, /*zero_tail=*/false);
-  at::Tensor expert_out = Backend::grouped_gemm(hidden, w2, plan.offsets, b2, /*gelu=*/false, /*zero_tail=*/false);
+  // Rows past the pairs are zeroed in expert_out (an output of the op: no uninitialised memory leaves it).
+  at::Tensor expert_out = Backend::grouped_gemm(hidden, w2, plan.offsets, b2, /*gelu=*/false, /*zero_tail=*/true);
   const at::Tensor y =
       Backend::combine(expert_out, plan.pair_index, plan.weight, plan.z, expert_at_zero(b1, w2, b2));
   return {y.view({s.batch, s.image_tokens, s.channels}), expert_out, plan.offsets, plan.pair_index, plan.weight,

@@ -38,7 +38,7 @@ def space_moe(
 
 
 @torch.library.register_fake(_OP)
-def _space_moe_fake(x, mask, route, gate, w1, b1, w2, b2, text_lengths):
+def _space_moe_fake(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None):
     torch._check(x.dim() == 3 and mask.dim() == 3 and w1.dim() == 3, lambda: "space_moe: x, mask and w1 must be 3-D")
     batch, tokens, channels = x.shape
     experts = w1.shape[0]
