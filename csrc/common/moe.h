@@ -27,6 +27,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 namespace raphael_ext {
 
@@ -140,6 +141,71 @@ inline SpaceMoeShape check_space_moe_args(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(capacity <= std::numeric_limits<int32_t>::max(), op, ": B * N_x * min(E, N_y) = ", capacity,
               " routed rows exceed the int32 offsets of the grouped GEMM");
   return {B, N_x, N_y, C, F, E, capacity};
+}
+
+// Host copy of the offsets, checked: non-decreasing row ends within [0, rows]. On a GPU this copy
+// synchronises, so only the at::mm fallback there uses it (the tensor-core paths read the offsets on
+// the device).
+inline std::vector<int64_t> host_offsets(std::string_view op, const at::Tensor& offsets, int64_t rows) {
+  const at::Tensor o = offsets.to(at::kCPU).contiguous();
+  const int32_t* p = o.const_data_ptr<int32_t>();
+  std::vector<int64_t> ends(p, p + o.numel());
+  int64_t prev = 0;
+  for (size_t g = 0; g < ends.size(); ++g) {
+    TORCH_CHECK(ends[g] >= prev && ends[g] <= rows, op, ": offsets must be non-decreasing row ends in [0, ", rows,
+                "], got offsets[", g, "] = ", ends[g], " after ", prev);
+    prev = ends[g];
+  }
+  return ends;
+}
+
+// Grouped GEMM as one at::mm per non-empty group on its rows (a contiguous slice of a: nothing is
+// copied), the bias added by the same call and GELU applied once over all grouped rows. The CPU
+// kernel, and the GPU fallback for shapes and dtypes the tensor-core kernels do not take.
+inline at::Tensor grouped_gemm_loop(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& ends,
+                                    const std::optional<at::Tensor>& bias, bool gelu, bool zero_tail) {
+  const int64_t rows = a.size(0);
+  at::Tensor c = at::empty({rows, b.size(2)}, a.options());
+  int64_t start = 0;
+  for (size_t g = 0; g < ends.size(); ++g) {
+    const int64_t len = ends[g] - start;
+    if (len > 0) {
+      at::Tensor out = c.narrow(0, start, len);
+      const at::Tensor lhs = a.narrow(0, start, len);
+      if (bias.has_value()) {
+        at::addmm_out(out, (*bias)[g], lhs, b[g]);
+      } else {
+        at::mm_out(out, lhs, b[g]);
+      }
+    }
+    start = ends[g];
+  }
+  if (gelu && start > 0) {
+    at::Tensor grouped = c.narrow(0, 0, start);
+    at::gelu_(grouped);
+  }
+  if (zero_tail && start < rows) c.narrow(0, start, rows - start).zero_();
+  return c;
+}
+
+// (db, dbias) of grouped_gemm_loop: db[g] = a[rows of g]^T grad[rows of g], dbias[g] = column sums; 0 for empty groups.
+inline std::tuple<at::Tensor, at::Tensor> grouped_gemm_weight_grad_loop(const at::Tensor& a, const at::Tensor& grad,
+                                                                        const std::vector<int64_t>& ends) {
+  const int64_t E = static_cast<int64_t>(ends.size());
+  at::Tensor db = at::zeros({E, a.size(1), grad.size(1)}, a.options());
+  at::Tensor dbias = at::zeros({E, grad.size(1)}, a.options());
+  int64_t start = 0;
+  for (int64_t g = 0; g < E; ++g) {
+    const int64_t len = ends[g] - start;
+    if (len > 0) {
+      const at::Tensor rows_grad = grad.narrow(0, start, len);
+      at::Tensor db_g = db[g], dbias_g = dbias[g];
+      at::mm_out(db_g, a.narrow(0, start, len).t(), rows_grad);
+      at::sum_out(dbias_g, rows_grad, 0);
+    }
+    start = ends[g];
+  }
+  return {db, dbias};
 }
 
 // The public grouped_gemm op: rows past offsets[E-1] are zero, so they also get a zero gradient.
