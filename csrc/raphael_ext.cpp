@@ -45,6 +45,10 @@ TORCH_LIBRARY(raphael_ext, m) {
       "space_moe_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, "
       "Tensor w2, Tensor b2, Tensor? text_lengths, Tensor expert_out, Tensor offsets, Tensor pair_index, "
       "Tensor weight, Tensor z) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // space_moe's routing plan alone: (offsets, pair_index, weight, z), see MoePlan in csrc/common/moe.h.
+  m.def(
+      "space_moe_plan(Tensor mask, Tensor route, Tensor gate, Tensor? text_lengths, int num_experts) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Composite (csrc/composite/time_moe.cpp): autograd comes from grouped_gemm's.
   m.def("time_moe(Tensor x, Tensor route, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
 }

@@ -6,12 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raphael_ext.ops import space_moe
+from raphael_ext.ops import space_moe, space_moe_plan
 
 from helpers import CUDA, DEVICES, assert_close_rel
 from moe_helpers import make_space_inputs, moe_rtol, naive_space_moe, to_reference
 
 OP = torch.ops.raphael_ext.space_moe.default
+PLAN_OP = torch.ops.raphael_ext.space_moe_plan.default
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("x", "mask", "route", "gate", "w1", "b1", "w2", "b2", "text_lengths")
 GRAD_NAMES = ("x", "gate", "w1", "b1", "w2", "b2")
@@ -110,6 +111,28 @@ def test_each_token_visits_at_most_min_experts_text(device):
         start = 0 if k == 0 else int(offsets[k - 1])
         in_k = pair_index[:, k][pair_index[:, k] >= 0].cpu()
         assert ((in_k >= start) & (in_k < int(offsets[k]))).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_op(device):
+    """space_moe_plan is the forward's plan, and w/z are the per-token sums of SPEC §2.4."""
+    B, N_x, N_y, E = 2, 9, 6, 4
+    x, mask, route, gate, w1, b1, w2, b2, lengths = make_space_inputs(B, N_x, N_y, 4, 4, E, torch.float32, device,
+                                                                      density=0.5, lengths=[6, 3])
+    plan = space_moe_plan(mask, route, gate, E, lengths)
+    for got, want in zip(plan, OP(x, mask, route, gate, w1, b1, w2, b2, lengths)[2:]):
+        assert torch.equal(got, want)
+    weight, z = torch.zeros(B * N_x, E), torch.zeros(B * N_x, E)
+    for b, n_y in enumerate([6, 3]):
+        for j in range(N_x):
+            for i in range(n_y):
+                target = weight if mask[b, j, i] else z
+                target[b * N_x + j, int(route[b, i])] += float(gate[b, i]) / n_y
+    torch.testing.assert_close(plan[2].cpu(), weight)
+    torch.testing.assert_close(plan[3].cpu(), z)
+    torch.library.opcheck(PLAN_OP, (mask, route, gate, lengths, E))
+    with pytest.raises(ValueError, match="num_experts must be >= 1"):
+        space_moe_plan(mask, route, gate, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

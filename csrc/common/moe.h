@@ -223,6 +223,32 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_weight_grad_op(const at::Tensor&
   return Backend::grouped_gemm_weight_grad(a, grad, offsets);
 }
 
+// The routing plan alone (for inspection and benchmarks): (offsets, pair_index, weight, z).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_moe_plan_op(
+    const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,
+    const std::optional<at::Tensor>& text_lengths, int64_t num_experts) {
+  constexpr std::string_view op = "space_moe_plan";
+  check_floating(op, gate, "gate");
+  check_dim(op, mask, "mask", 3);
+  check_dtype(op, mask, "mask", at::kBool);
+  const int64_t B = mask.size(0), N_y = mask.size(2);
+  check_integral(op, route, "route");
+  check_shape(op, route, "route", {B, N_y}, "[B, N_y]");
+  check_shape(op, gate, "gate", {B, N_y}, "[B, N_y]");
+  check_same_device(op, mask, "mask", route, "route");
+  check_same_device(op, mask, "mask", gate, "gate");
+  if (text_lengths.has_value()) {
+    check_integral(op, *text_lengths, "text_lengths");
+    check_same_device(op, mask, "mask", *text_lengths, "text_lengths");
+    check_shape(op, *text_lengths, "text_lengths", {B}, "[B]");
+  }
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  MoePlan plan = Backend::plan(mask, route, gate, text_lengths, num_experts,
+                               B * mask.size(1) * std::min(num_experts, N_y));
+  return {plan.offsets, plan.pair_index, plan.weight, plan.z};
+}
+
 // c_k = e_k(0) = GELU(b1_k) w2_k + b2_k, [E, C] in the accumulation dtype: what an expert returns for
 // the zeroed features where the mask is 0.
 inline at::Tensor expert_at_zero(const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {

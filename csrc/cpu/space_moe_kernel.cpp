@@ -208,6 +208,7 @@ int64_t MoeBackend::rows_used(const at::Tensor& offsets, int64_t /*capacity*/) {
 TORCH_LIBRARY_IMPL(raphael_ext, CPU, m) {
   m.impl("space_moe", &space_moe_forward<MoeBackend>);
   m.impl("space_moe_backward", &space_moe_backward<MoeBackend>);
+  m.impl("space_moe_plan", &space_moe_plan_op<MoeBackend>);
 }
 
 }  // namespace raphael_ext::cpu

@@ -115,7 +115,9 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::grouped_gemm_weight_grad(const at
   at::Tensor dbias = at::zeros({groups, N}, a.options());
   if (rows == 0 || K == 0 || N == 0 || groups == 0) return {db, dbias};
   bool done = false;
-  if (is_tensor_core_shape(a.scalar_type(), K, N, {A.const_data_ptr(), G.const_data_ptr(), db.const_data_ptr()})) {
+  constexpr int64_t kMaxGridY = 65535;  // the bias-gradient kernel runs one grid row per group
+  if (groups <= kMaxGridY &&
+      is_tensor_core_shape(a.scalar_type(), K, N, {A.const_data_ptr(), G.const_data_ptr(), db.const_data_ptr()})) {
     const GroupedGemmProblem p{GemmKind::WeightGrad, A.const_data_ptr(), G.const_data_ptr(), nullptr,
                                db.mutable_data_ptr(), off.const_data_ptr<int32_t>(), static_cast<int>(groups),
                                rows, K, N, false};

@@ -2,7 +2,7 @@
 
 from .focal_loss import sigmoid_focal_loss
 from .grouped_gemm import grouped_gemm
-from .space_moe import space_moe
+from .space_moe import space_moe, space_moe_plan
 from .time_moe import time_moe
 
-__all__ = ["grouped_gemm", "sigmoid_focal_loss", "space_moe", "time_moe"]
+__all__ = ["grouped_gemm", "sigmoid_focal_loss", "space_moe", "space_moe_plan", "time_moe"]

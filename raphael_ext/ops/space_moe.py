@@ -1,12 +1,13 @@
 """space_moe (SPEC §2.4): every text token's expert applied to its masked image region, averaged over the text."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 _OP = "raphael_ext::space_moe"
 _BACKWARD_OP = "raphael_ext::space_moe_backward"
+_PLAN_OP = "raphael_ext::space_moe_plan"
 
 
 def space_moe(
@@ -35,6 +36,30 @@ def space_moe(
     with n_y = 0 gives 0. Gradients flow to x, gate, w1, b1, w2, b2.
     """
     return torch.ops.raphael_ext.space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths)[0]
+
+
+def space_moe_plan(
+    mask: Tensor, route: Tensor, gate: Tensor, num_experts: int, text_lengths: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """space_moe's routing plan alone, for inspection: (offsets, pair_index, weight, z).
+
+    offsets int32 [E]: cumulative pair counts per expert (the grouped GEMMs' row ends); pair_index int32
+    [B*N_x, E]: the grouped row of pair (image token j, expert k), -1 where no valid text token routed to k
+    covers j; weight and z [B*N_x, E] (float32, float64 for float64 gates): w_jk and z_jk of SPEC §2.4.
+    """
+    return torch.ops.raphael_ext.space_moe_plan(mask, route, gate, text_lengths, num_experts)
+
+
+@torch.library.register_fake(_PLAN_OP)
+def _space_moe_plan_fake(mask, route, gate, text_lengths, num_experts):
+    pairs = (mask.shape[0] * mask.shape[1], num_experts)
+    acc = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    return (
+        mask.new_empty((num_experts,), dtype=torch.int32),
+        mask.new_empty(pairs, dtype=torch.int32),
+        mask.new_empty(pairs, dtype=acc),
+        mask.new_empty(pairs, dtype=acc),
+    )
 
 
 @torch.library.register_fake(_OP)
