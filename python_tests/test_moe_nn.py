@@ -113,3 +113,22 @@ def test_layers_compile_fullgraph():
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_pybind11_entry_points_keep_autograd():
+    import raphael_ext
+
+    from moe_helpers import make_space_inputs
+
+    x, mask, route, gate, w1, b1, w2, b2, lengths = make_space_inputs(2, 5, 3, 4, 6, 2, lengths=[3, 1])
+    x.requires_grad_()
+    out = raphael_ext._C.space_moe(x, mask, route, gate, w1, b1, w2, b2, lengths)
+    torch.testing.assert_close(out, space_moe(x, mask, route, gate, w1, b1, w2, b2, lengths))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected,) = torch.autograd.grad(space_moe(x, mask, route, gate, w1, b1, w2, b2, lengths).sum(), x)
+    torch.testing.assert_close(grad, expected)
+    a, offsets = x.detach().reshape(10, 4), torch.tensor([4, 10], dtype=torch.int32)
+    torch.testing.assert_close(raphael_ext._C.grouped_gemm(a, w1, offsets, b1, "gelu"),
+                               raphael_ext.ops.grouped_gemm(a, w1, offsets, b1, "gelu"))
+    torch.testing.assert_close(raphael_ext._C.time_moe(x.detach(), route[:, 0], w1, b1, w2, b2),
+                               time_moe(x.detach(), route[:, 0], w1, b1, w2, b2))
