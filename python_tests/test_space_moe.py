@@ -83,8 +83,10 @@ def test_edge_cases(device, case):
     seed=st.integers(0, 2**16),
 )
 def test_random_shapes(device, B, N_x, N_y, C, F_, E, density, use_lengths, seed):
+    # float64: shapes are the point here (F = 1 or C = 1 make gradients sums with heavy cancellation, which a
+    # float32 comparison per element cannot judge); the other dtypes are covered at fixed shapes above.
     lengths = [(seed + 3 * b) % (N_y + 1) for b in range(B)] if use_lengths else None
-    check_against_reference(make_space_inputs(B, N_x, N_y, C, F_, E, torch.float32, device, seed, density, lengths))
+    check_against_reference(make_space_inputs(B, N_x, N_y, C, F_, E, torch.float64, device, seed, density, lengths))
 
 
 @pytest.mark.parametrize("device", DEVICES)
