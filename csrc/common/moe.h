@@ -5,6 +5,8 @@
 // A backend is a struct of static functions:
 //   grouped_gemm(a, b, offsets, bias?, gelu, zero_tail) -> c [T, N]: c[rows of g] = act(a[rows of g] @ b[g]
 //       + bias[g]); rows from offsets[E-1] on are zeroed when zero_tail, else left unwritten.
+//   expert_ffn(a, w1, b1, w2, b2, offsets) -> [T, C]: GELU(a w1[g] + b1[g]) w2[g] + b2[g] per group, rows past
+//       offsets[E-1] zero (two grouped GEMMs on the GPU; on the CPU fused per block of rows, see there).
 //   grouped_gemm_weight_grad(a, grad, offsets) -> (db [E, K, N], dbias [E, N]): db[g] = a[rows g]^T grad[rows g].
 //   plan(mask, route, gate, text_lengths, num_experts, capacity) -> MoePlan (below).
 //   dispatch(src [n, C], pair_index, weight?, rows) -> [rows, C]: out[pair_index[j, k]] = weight[j, k] * src[j].
@@ -265,9 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor tokens = x.reshape({s.batch * s.image_tokens, s.channels});
   MoePlan plan = Backend::plan(mask, route, gate, text_lengths, s.experts, s.capacity);
   const at::Tensor xg = Backend::dispatch(tokens, plan.pair_index, std::nullopt, s.capacity);
-  const at::Tensor hidden = Backend::grouped_gemm(xg, w1, plan.offsets, b1, /*gelu=*/true, /*zero_tail=*/false);
   // Rows past the pairs are zeroed in expert_out (an output of the op: no uninitialised memory leaves it).
-  at::Tensor expert_out = Backend::grouped_gemm(hidden, w2, plan.offsets, b2, /*gelu=*/false, /*zero_tail=*/true);
+  at::Tensor expert_out = Backend::expert_ffn(xg, w1, b1, w2, b2, plan.offsets);
   const at::Tensor y =
       Backend::combine(expert_out, plan.pair_index, plan.weight, plan.z, expert_at_zero(b1, w2, b2));
   return {y.view({s.batch, s.image_tokens, s.channels}), expert_out, plan.offsets, plan.pair_index, plan.weight,

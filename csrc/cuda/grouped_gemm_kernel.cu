@@ -105,6 +105,12 @@ at::Tensor MoeBackend::grouped_gemm(const at::Tensor& a, const at::Tensor& b, co
   return out;
 }
 
+at::Tensor MoeBackend::expert_ffn(const at::Tensor& a, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                  const at::Tensor& b2, const at::Tensor& offsets) {
+  const at::Tensor hidden = grouped_gemm(a, w1, offsets, b1, /*gelu=*/true, /*zero_tail=*/false);
+  return grouped_gemm(hidden, w2, offsets, b2, /*gelu=*/false, /*zero_tail=*/true);
+}
+
 std::tuple<at::Tensor, at::Tensor> MoeBackend::grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& grad,
                                                                         const at::Tensor& offsets) {
   const c10::cuda::CUDAGuard device_guard(a.device());
