@@ -7,6 +7,8 @@
 //       + bias[g]); rows from offsets[E-1] on are zeroed when zero_tail, else left unwritten.
 //   expert_ffn(a, w1, b1, w2, b2, offsets) -> [T, C]: GELU(a w1[g] + b1[g]) w2[g] + b2[g] per group, rows past
 //       offsets[E-1] zero (two grouped GEMMs on the GPU; on the CPU fused per block of rows, see there).
+//   expert_ffn_backward(a, grad, w1, b1, w2, offsets) -> (da, dw1, db1, dw2, db2) of expert_ffn for the output
+//       gradient grad, recomputing the first GEMM (see space_moe_backward).
 //   grouped_gemm_weight_grad(a, grad, offsets) -> (db [E, K, N], dbias [E, N]): db[g] = a[rows g]^T grad[rows g].
 //   plan(mask, route, gate, text_lengths, num_experts, capacity) -> MoePlan (below).
 //   dispatch(src [n, C], pair_index, weight?, rows) -> [rows, C]: out[pair_index[j, k]] = weight[j, k] * src[j].
@@ -210,6 +212,20 @@ inline std::tuple<at::Tensor, at::Tensor> grouped_gemm_weight_grad_loop(const at
   return {db, dbias};
 }
 
+// expert_ffn_backward as a sequence of the backend's grouped GEMMs (the GPU's; the CPU fuses it per block).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_sequence(
+    const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& offsets) {
+  const at::Tensor pre = Backend::grouped_gemm(a, w1, offsets, b1, false, false);
+  const at::Tensor dhidden = Backend::grouped_gemm(grad, w2.transpose(1, 2), offsets, std::nullopt, false, false);
+  auto [dw2, db2] = Backend::grouped_gemm_weight_grad(at::gelu(pre), grad, offsets);
+  const at::Tensor dpre = at::gelu_backward(dhidden, pre);
+  const at::Tensor da = Backend::grouped_gemm(dpre, w1.transpose(1, 2), offsets, std::nullopt, false, false);
+  auto [dw1, db1] = Backend::grouped_gemm_weight_grad(a, dpre, offsets);
+  return {da, dw1, db1, dw2, db2};
+}
+
 // The public grouped_gemm op: rows past offsets[E-1] are zero, so they also get a zero gradient.
 template <class Backend>
 at::Tensor grouped_gemm_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
@@ -318,13 +334,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t rows = Backend::rows_used(offsets, s.capacity);
   const at::Tensor dyw = Backend::dispatch(dy, pair_index, weight, s.capacity).narrow(0, 0, rows);
   const at::Tensor xg = Backend::dispatch(tokens, pair_index, std::nullopt, s.capacity).narrow(0, 0, rows);
-  const at::Tensor pre = Backend::grouped_gemm(xg, w1, offsets, b1, false, false);
-  const at::Tensor hidden = at::gelu(pre);
-  const at::Tensor dhidden = Backend::grouped_gemm(dyw, w2.transpose(1, 2), offsets, std::nullopt, false, false);
-  auto [dw2, db2] = Backend::grouped_gemm_weight_grad(hidden, dyw, offsets);
-  const at::Tensor dpre = at::gelu_backward(dhidden, pre);
-  const at::Tensor dxg = Backend::grouped_gemm(dpre, w1.transpose(1, 2), offsets, std::nullopt, false, false);
-  auto [dw1, db1] = Backend::grouped_gemm_weight_grad(xg, dpre, offsets);
+  auto [dxg, dw1, db1, dw2, db2] = Backend::expert_ffn_backward(xg, dyw, w1, b1, w2, offsets);
   const at::Tensor dx = Backend::combine(dxg, pair_index, std::nullopt, std::nullopt, std::nullopt);
 
   // The constant term sum_k z_jk c_k: dc_k = sum_j z_jk dy_j.

@@ -111,6 +111,12 @@ at::Tensor MoeBackend::expert_ffn(const at::Tensor& a, const at::Tensor& w1, con
   return grouped_gemm(hidden, w2, offsets, b2, /*gelu=*/false, /*zero_tail=*/true);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> MoeBackend::expert_ffn_backward(
+    const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& offsets) {
+  return expert_ffn_backward_sequence<MoeBackend>(a, grad, w1, b1, w2, offsets);
+}
+
 std::tuple<at::Tensor, at::Tensor> MoeBackend::grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& grad,
                                                                         const at::Tensor& offsets) {
   const c10::cuda::CUDAGuard device_guard(a.device());

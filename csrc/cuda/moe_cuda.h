@@ -15,6 +15,9 @@ struct MoeBackend {
                                  const std::optional<at::Tensor>& bias, bool gelu, bool zero_tail);
   static at::Tensor expert_ffn(const at::Tensor& a, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                const at::Tensor& b2, const at::Tensor& offsets);
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
+      const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+      const at::Tensor& offsets);
   static std::tuple<at::Tensor, at::Tensor> grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& grad,
                                                                      const at::Tensor& offsets);
   static MoePlan plan(const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,
