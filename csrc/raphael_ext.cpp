@@ -40,6 +40,26 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def(
       "cross_attention_mask_backward(Tensor? grad_out, Tensor? grad_attn_map, Tensor q, Tensor k, Tensor v, "
       "Tensor lse, Tensor? text_lengths, float scale) -> (Tensor, Tensor, Tensor)");
+  // Expert GEMMs (SPEC §3.2, csrc/common/moe.h). grouped_gemm: c[rows of g] = act(a[rows of g] @ b[g] + bias[g])
+  // with offsets int32 [E] the cumulative row ends; rows past offsets[E-1] are zero.
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor offsets, Tensor? bias=None, str? activation=None) -> Tensor");
+  // (db [E, K, N], dbias [E, N]) with db[g] = a[rows of g]^T grad[rows of g]: grouped_gemm's weight gradient.
+  m.def("grouped_gemm_weight_grad(Tensor a, Tensor grad, Tensor offsets) -> (Tensor, Tensor)");
+  // Returns (y, expert_out, offsets, pair_index, weight, z): y and the routing plan the backward reuses.
+  m.def(
+      "space_moe(Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+      "Tensor? text_lengths=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (dx, dgate, dw1, db1, dw2, db2) from grad_y, the forward's inputs and its saved outputs.
+  m.def(
+      "space_moe_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, "
+      "Tensor w2, Tensor b2, Tensor? text_lengths, Tensor expert_out, Tensor offsets, Tensor pair_index, "
+      "Tensor weight, Tensor z) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // space_moe's routing plan alone: (offsets, pair_index, weight, z), see MoePlan in csrc/common/moe.h.
+  m.def(
+      "space_moe_plan(Tensor mask, Tensor route, Tensor gate, Tensor? text_lengths, int num_experts) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Composite (csrc/composite/time_moe.cpp): autograd comes from grouped_gemm's.
+  m.def("time_moe(Tensor x, Tensor route, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
 }
 
 namespace {
@@ -89,6 +109,37 @@ at::Tensor sigmoid_focal_loss(const at::Tensor& logits, const at::Tensor& target
   return std::get<0>(op.call(logits, targets, alpha, gamma, reduction, sample_mask));
 }
 
+at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                        const std::optional<at::Tensor>& bias, std::optional<std::string> activation) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("raphael_ext::grouped_gemm", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, std::optional<c10::string_view>)>();
+  return op.call(a, b, offsets, bias,
+                 activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt);
+}
+
+at::Tensor space_moe(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,
+                     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                     const std::optional<at::Tensor>& text_lengths) {
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("raphael_ext::space_moe", "")
+                             .typed<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const std::optional<at::Tensor>&)>();
+  return std::get<0>(op.call(x, mask, route, gate, w1, b1, w2, b2, text_lengths));
+}
+
+at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tensor& w1, const at::Tensor& b1,
+                    const at::Tensor& w2, const at::Tensor& b2) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("raphael_ext::time_moe", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(x, route, w1, b1, w2, b2);
+}
+
 }  // namespace
 }  // namespace raphael_ext
 
@@ -103,4 +154,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sample_mask") = py::none(),
         "torch.ops.raphael_ext.sigmoid_focal_loss through the dispatcher; returns the loss (autograd "
         "included once raphael_ext is imported).");
+  m.def("grouped_gemm", &raphael_ext::grouped_gemm, py::arg("a"), py::arg("b"), py::arg("offsets"),
+        py::arg("bias") = py::none(), py::arg("activation") = py::none(),
+        "torch.ops.raphael_ext.grouped_gemm through the dispatcher (autograd once raphael_ext is imported).");
+  m.def("space_moe", &raphael_ext::space_moe, py::arg("x"), py::arg("mask"), py::arg("route"), py::arg("gate"),
+        py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("text_lengths") = py::none(),
+        "torch.ops.raphael_ext.space_moe through the dispatcher; returns y (autograd once raphael_ext is imported).");
+  m.def("time_moe", &raphael_ext::time_moe, py::arg("x"), py::arg("route"), py::arg("w1"), py::arg("b1"),
+        py::arg("w2"), py::arg("b2"), "torch.ops.raphael_ext.time_moe through the dispatcher.");
 }

@@ -47,6 +47,13 @@ class MaskedCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, alpha={self.alpha}"
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import sigmoid_focal_loss, space_moe, time_moe
 
 
 class EdgeFocalLoss(nn.Module):
@@ -74,3 +81,123 @@ class EdgeFocalLoss(nn.Module):
 
 
 __all__ = ["EdgeFocalLoss", "MaskedCrossAttention"]
+
+
+class MoEOutput(NamedTuple):
+    """What SpaceMoE and TimeMoE return."""
+
+    out: Tensor  # x + the expert mixture (x itself when the layer is off)
+    route: Optional[Tensor]  # chosen expert per text token [B, N_y] / per sample [B]; None when off
+    balance_loss: Optional[Tensor]  # Switch-style load-balancing loss (0-dim) if enabled, else None
+
+
+def _expert_parameters(num_experts: int, dim: int, hidden: int) -> nn.ParameterList:
+    """w1 [E, dim, hidden], b1 [E, hidden], w2 [E, hidden, dim], b2 [E, dim], initialised like nn.Linear."""
+    bound1, bound2 = dim**-0.5, hidden**-0.5
+    return nn.ParameterList(
+        nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        for shape, bound in (
+            ((num_experts, dim, hidden), bound1),
+            ((num_experts, hidden), bound1),
+            ((num_experts, hidden, dim), bound2),
+            ((num_experts, dim), bound2),
+        )
+    )
+
+
+def _gate_ffn(in_dim: int, hidden: int, num_experts: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
+
+
+def _route(logits: Tensor, noise: float, training: bool):
+    """route = argmax(softmax(logits) + eps) (eps ~ N(0, noise^2) in training only, paper §3.1); returns the route,
+    the probabilities and the straight-through gate g = p / p.detach() of the chosen expert (value exactly 1, the
+    gradient of p)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    scores = probs + noise * torch.randn_like(probs) if training and noise > 0 else probs
+    route = scores.argmax(dim=-1)
+    p = probs.gather(-1, route.unsqueeze(-1)).squeeze(-1)
+    return route, probs, p / p.detach()
+
+
+def _balance_loss(probs: Tensor, route: Tensor, valid: Tensor) -> Tensor:
+    """Switch Transformer's E * sum_k f_k P_k over the valid tokens: f_k the fraction routed to k, P_k the mean
+    probability of k. 1 when balanced; it pushes the gate towards using every expert."""
+    num_experts = probs.shape[-1]
+    weights = valid.to(probs.dtype)
+    count = weights.sum().clamp_min(1)
+    fraction = (F.one_hot(route, num_experts).to(probs.dtype) * weights.unsqueeze(-1)).sum(tuple(range(route.dim()))) / count
+    mean_prob = (probs * weights.unsqueeze(-1)).sum(tuple(range(route.dim()))) / count
+    return num_experts * (fraction * mean_prob).sum()
+
+
+class SpaceMoE(nn.Module):
+    """RAPHAEL's space-MoE layer (SPEC §2.4): each valid text token picks an expert with the text gate FFN, and
+    that expert runs on the image region its mask selects; out = x + mean over text tokens.
+
+    Args:
+        dim: image feature width C. text_dim: text state width d_y. num_experts: E; 0 turns the layer off
+            (out = x), as in the paper's runtime-vs-experts study.
+        hidden_mult: expert hidden width F = hidden_mult * dim. gate_hidden: width of the gate FFN (default text_dim).
+        gate_noise: std of the noise eps added to the gate's softmax before the argmax, training only.
+        balance_loss: also return the Switch-style load-balancing loss over the valid text tokens.
+
+    The residual x + ... is ours (SPEC gives the mixture only); it makes num_experts = 0 an identity.
+    """
+
+    def __init__(self, dim: int, text_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
+                 gate_hidden: Optional[int] = None, balance_loss: bool = False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_noise = gate_noise
+        self.balance_loss = balance_loss
+        if num_experts > 0:
+            self.gate = _gate_ffn(text_dim, gate_hidden or text_dim, num_experts)
+            self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
+
+    def forward(self, x: Tensor, text: Tensor, mask: Tensor, text_lengths: Optional[Tensor] = None) -> MoEOutput:
+        """x [B, N_x, C], text [B, N_y, d_y], mask bool [B, N_x, N_y] (M̂), text_lengths int [B] or None."""
+        if self.num_experts == 0:
+            return MoEOutput(x, None, None)
+        route, probs, gate = _route(self.gate(text), self.gate_noise, self.training)
+        out = x + space_moe(x, mask, route, gate.to(x.dtype), *self.experts, text_lengths)
+        balance = None
+        if self.balance_loss:
+            positions = torch.arange(route.shape[1], device=route.device)
+            valid = positions < text_lengths.unsqueeze(1) if text_lengths is not None else torch.ones_like(route, dtype=torch.bool)
+            balance = _balance_loss(probs, route, valid)
+        return MoEOutput(out, route, balance)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
+
+
+class TimeMoE(nn.Module):
+    """RAPHAEL's time-MoE layer (SPEC §2.3): the time gate FFN picks one expert per sample from the timestep
+    embedding; out = x + g * expert(x), with g = p / p.detach() (value 1) so the gate learns through p.
+    num_experts = 0 turns the layer off (out = x). Arguments as SpaceMoE, with time_dim the embedding width."""
+
+    def __init__(self, dim: int, time_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
+                 gate_hidden: Optional[int] = None, balance_loss: bool = False):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_noise = gate_noise
+        self.balance_loss = balance_loss
+        if num_experts > 0:
+            self.gate = _gate_ffn(time_dim, gate_hidden or time_dim, num_experts)
+            self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
+
+    def forward(self, x: Tensor, time_embedding: Tensor) -> MoEOutput:
+        """x [B, N, C], time_embedding [B, time_dim]."""
+        if self.num_experts == 0:
+            return MoEOutput(x, None, None)
+        route, probs, gate = _route(self.gate(time_embedding), self.gate_noise, self.training)
+        out = x + gate.to(x.dtype).view(-1, 1, 1) * time_moe(x, route, *self.experts)
+        balance = _balance_loss(probs, route, torch.ones_like(route, dtype=torch.bool)) if self.balance_loss else None
+        return MoEOutput(out, route, balance)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
+
+
+__all__ += ["MoEOutput", "SpaceMoE", "TimeMoE"]

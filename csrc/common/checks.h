@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string_view>
 
 namespace raphael_ext {
@@ -41,6 +42,28 @@ inline void check_dim(std::string_view op, const at::Tensor& t, std::string_view
 
 inline void check_dtype(std::string_view op, const at::Tensor& t, std::string_view name, at::ScalarType dtype) {
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// Index tensors (routes, lengths) may come as int32 or int64.
+inline void check_integral(std::string_view op, const at::Tensor& t, std::string_view name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64, got ", t.scalar_type());
+}
+
+inline void check_shape(std::string_view op, const at::Tensor& t, std::string_view name, at::IntArrayRef shape,
+                        std::string_view meaning) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", meaning, " = ", shape, ", got ", t.sizes());
+}
+
+// dtype, device and shape of an optional argument in one call (nothing to check when it is absent).
+inline void check_optional_like(std::string_view op, const at::Tensor& ref, std::string_view ref_name,
+                                const std::optional<at::Tensor>& t, std::string_view name, at::IntArrayRef shape,
+                                std::string_view meaning) {
+  if (!t.has_value()) return;
+  check_same_device(op, ref, ref_name, *t, name);
+  check_same_dtype(op, ref, ref_name, *t, name);
+  check_shape(op, *t, name, shape, meaning);
 }
 
 }  // namespace raphael_ext

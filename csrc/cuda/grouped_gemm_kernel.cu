@@ -1,0 +1,154 @@
+// CUDA grouped GEMM (SPEC §3.2): picks the kernel per call. Hopper (sm_90a build) runs 16-bit types on
+// the CUTLASS 3.x pointer-array kernel (grouped_gemm_sm90.cu); sm_80 and later run 16-bit types and
+// float32 (TF32 tensor cores) on CUTLASS 2.x GemmGrouped (grouped_gemm_sm80.cu). Anything else (float64,
+// K or N not a multiple of 16 bytes, operands off 16-byte alignment, older GPUs, a build without CUTLASS)
+// takes the at::mm loop of csrc/common/moe.h, which copies the offsets to the host: that path
+// synchronises, the tensor-core paths never do.
+#include "cuda_utils.cuh"
+#include "moe_cuda.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace raphael_ext::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------------------------------------
+// Kernel bodies.
+
+// out[r, :] = 0 for rows r >= offsets[groups - 1] (the rows no group owns).
+template <typename scalar_t>
+__global__ void zero_tail_kernel(scalar_t* __restrict__ out, const int32_t* __restrict__ offsets, int groups,
+                                 int64_t rows, int64_t cols) {
+  const int64_t first = static_cast<int64_t>(offsets[groups - 1]) * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = first + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * cols; i += stride) {
+    out[i] = scalar_t(0);
+  }
+}
+
+// dbias[g, n] = sum of grad[r, n] over the rows r of group g, in row order (deterministic).
+template <typename scalar_t>
+__global__ void group_column_sum_kernel(const scalar_t* __restrict__ grad, const int32_t* __restrict__ offsets,
+                                        int64_t cols, scalar_t* __restrict__ dbias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int g = blockIdx.y;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= cols) return;
+  const int64_t start = g == 0 ? 0 : offsets[g - 1], end = offsets[g];
+  acc_t sum = 0;
+  for (int64_t r = start; r < end; ++r) sum += static_cast<acc_t>(grad[r * cols + n]);
+  dbias[g * cols + n] = static_cast<scalar_t>(sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers.
+
+bool is_tensor_core_shape(at::ScalarType dtype, int64_t K, int64_t N, std::initializer_list<const void*> pointers) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) return false;
+  const int64_t vec = 16 / static_cast<int64_t>(c10::elementSize(dtype));  // CUTLASS's 16-byte accesses
+  if (K % vec != 0 || N % vec != 0) return false;
+  return std::all_of(pointers.begin(), pointers.end(), [](const void* p) { return p == nullptr || is_aligned(p, 16); });
+}
+
+bool run_tensor_core(const GroupedGemmProblem& p, at::ScalarType dtype, cudaStream_t stream) {
+#if defined(RAPHAEL_EXT_WITH_CUTLASS)
+  return grouped_gemm_sm90(p, dtype, stream) || grouped_gemm_sm80(p, dtype, stream);
+#else
+  return false;
+#endif
+}
+
+void launch_zero_tail(at::Tensor& out, const at::Tensor& offsets, cudaStream_t stream) {
+  const int64_t n = out.numel();
+  if (n == 0 || offsets.numel() == 0) return;
+  const int64_t wave = 4LL * multiprocessor_count(out.get_device());
+  const int blocks = static_cast<int>(std::min(wave, (n + kThreads - 1) / kThreads));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "grouped_gemm_zero_tail", [&] {
+    zero_tail_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(out.mutable_data_ptr<scalar_t>(),
+                                                                offsets.const_data_ptr<int32_t>(),
+                                                                static_cast<int>(offsets.numel()), out.size(0), out.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+at::Tensor MoeBackend::grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                    const std::optional<at::Tensor>& bias, bool gelu, bool zero_tail) {
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = a.size(0), K = a.size(1), N = b.size(2), groups = b.size(0);
+  const at::Tensor A = a.contiguous(), B = b.contiguous(), off = offsets.contiguous();
+  const std::optional<at::Tensor> bias_c = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
+  at::Tensor out = at::empty({rows, N}, a.options());
+  const bool empty = rows == 0 || N == 0 || groups == 0;
+  bool done = empty;
+  if (!empty && K > 0 &&
+      is_tensor_core_shape(a.scalar_type(), K, N,
+                           {A.const_data_ptr(), B.const_data_ptr(), out.const_data_ptr(),
+                            bias_c.has_value() ? bias_c->const_data_ptr() : nullptr})) {
+    const GroupedGemmProblem p{GemmKind::Forward, A.const_data_ptr(), B.const_data_ptr(),
+                               bias_c.has_value() ? bias_c->const_data_ptr() : nullptr, out.mutable_data_ptr(),
+                               off.const_data_ptr<int32_t>(), static_cast<int>(groups), rows, K, N, gelu};
+    done = run_tensor_core(p, a.scalar_type(), stream);
+  }
+  if (!done) return grouped_gemm_loop(A, B, host_offsets("grouped_gemm", off, rows), bias_c, gelu, zero_tail);
+  if (zero_tail) launch_zero_tail(out, off, stream);
+  return out;
+}
+
+at::Tensor MoeBackend::expert_ffn(const at::Tensor& a, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                  const at::Tensor& b2, const at::Tensor& offsets) {
+  const at::Tensor hidden = grouped_gemm(a, w1, offsets, b1, /*gelu=*/true, /*zero_tail=*/false);
+  return grouped_gemm(hidden, w2, offsets, b2, /*gelu=*/false, /*zero_tail=*/true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> MoeBackend::expert_ffn_backward(
+    const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& offsets) {
+  return expert_ffn_backward_sequence<MoeBackend>(a, grad, w1, b1, w2, offsets);
+}
+
+std::tuple<at::Tensor, at::Tensor> MoeBackend::grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& grad,
+                                                                        const at::Tensor& offsets) {
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows = a.size(0), K = a.size(1), N = grad.size(1), groups = offsets.size(0);
+  const at::Tensor A = a.contiguous(), G = grad.contiguous(), off = offsets.contiguous();
+  at::Tensor db = at::zeros({groups, K, N}, a.options());
+  at::Tensor dbias = at::zeros({groups, N}, a.options());
+  if (rows == 0 || K == 0 || N == 0 || groups == 0) return {db, dbias};
+  bool done = false;
+  constexpr int64_t kMaxGridY = 65535;  // the bias-gradient kernel runs one grid row per group
+  if (groups <= kMaxGridY &&
+      is_tensor_core_shape(a.scalar_type(), K, N, {A.const_data_ptr(), G.const_data_ptr(), db.const_data_ptr()})) {
+    const GroupedGemmProblem p{GemmKind::WeightGrad, A.const_data_ptr(), G.const_data_ptr(), nullptr,
+                               db.mutable_data_ptr(), off.const_data_ptr<int32_t>(), static_cast<int>(groups),
+                               rows, K, N, false};
+    done = run_tensor_core(p, a.scalar_type(), stream);
+  }
+  if (!done) return grouped_gemm_weight_grad_loop(A, G, host_offsets("grouped_gemm_weight_grad", off, rows));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "grouped_gemm_bias_grad", [&] {
+    const dim3 grid(static_cast<unsigned>((N + kThreads - 1) / kThreads), static_cast<unsigned>(groups));
+    group_column_sum_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(G.const_data_ptr<scalar_t>(),
+                                                                     off.const_data_ptr<int32_t>(), N,
+                                                                     dbias.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {db, dbias};
+}
+
+TORCH_LIBRARY_IMPL(raphael_ext, CUDA, m) {
+  m.impl("grouped_gemm", &grouped_gemm_op<MoeBackend>);
+  m.impl("grouped_gemm_weight_grad", &grouped_gemm_weight_grad_op<MoeBackend>);
+}
+
+}  // namespace raphael_ext::cuda

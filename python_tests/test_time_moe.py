@@ -1,0 +1,109 @@
+"""time_moe (SPEC §2.3, §3.2) against a float64 loop over samples."""
+
+import pytest
+import torch
+
+from raphael_ext.ops import time_moe
+
+from helpers import DEVICES, assert_close_rel
+from moe_helpers import make_experts, moe_rtol, naive_time_moe, randn, to_reference
+
+OP = torch.ops.raphael_ext.time_moe.default
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_inputs(B, N, C, F_, E, dtype, device, seed=0, route=None):
+    g = torch.Generator().manual_seed(seed)
+    x = randn((B, N, C), dtype, device, g)
+    route = torch.randint(0, E, (B,), generator=g) if route is None else torch.tensor(route)
+    return x, route.to(device), *make_experts(E, C, F_, dtype, device, seed + 1)
+
+
+def check(inputs):
+    x, route, *weights = inputs
+    dtype, device = x.dtype, x.device
+    rtol = moe_rtol(dtype, device)
+    ours = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    out = time_moe(ours[0], route, *ours[1:])
+    ref = to_reference(x, *weights)
+    expected = naive_time_moe(ref[0], route.cpu(), *ref[1:])
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close_rel(out, expected, dtype, "y", rtol=rtol)
+    grad = randn(x.shape, dtype, "cpu", torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(out, ours, grad.to(device))
+    want = torch.autograd.grad(expected, ref, grad.double(), allow_unused=True)
+    for name, g_, w in zip(("x", "w1", "b1", "w2", "b2"), got, want):
+        assert_close_rel(g_, torch.zeros_like(g_, dtype=torch.float64) if w is None else w, dtype, f"d{name}", rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_per_sample_loop(device, dtype):
+    check(make_inputs(5, 17, 16, 24, 4, dtype, device, route=[3, 0, 3, 1, 0]))  # expert 2 unused
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [dict(B=1, N=1, E=1), dict(B=3, N=4, E=6), dict(B=0, N=4, E=2), dict(B=2, N=0, E=2)])
+def test_edge_cases(device, case):
+    check(make_inputs(case["B"], case["N"], 8, 12, case["E"], torch.float64, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    x, route, w1, b1, w2, b2 = make_inputs(4, 9, 8, 16, 3, torch.float32, device, route=[2, 2, 0, 1])
+    x_nc = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w2_nc = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not x_nc.is_contiguous() and not w2_nc.is_contiguous()
+    check((x_nc, route.int(), w1, b1, w2_nc, b2))
+
+
+def test_gradcheck_float64():
+    x, route, *weights = make_inputs(3, 4, 3, 5, 3, torch.float64, "cpu", route=[1, 1, 0])
+    args = [t.clone().requires_grad_() for t in (x, *weights)]
+    assert torch.autograd.gradcheck(lambda x, *w: time_moe(x, route, *w), args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, route, *weights = make_inputs(3, 5, 8, 8, 2, torch.float32, device)
+    torch.library.opcheck(OP, (x, route, *weights))
+    torch.library.opcheck(OP, (x.requires_grad_(), route, *[w.requires_grad_() for w in weights]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    x, route, *weights = make_inputs(4, 6, 8, 8, 3, torch.float32, device)
+
+    def step(x, *w):
+        return time_moe(x, route, *w).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    eager_args = [t.clone().requires_grad_() for t in (x, *weights)]
+    compiled_args = [t.clone().requires_grad_() for t in (x, *weights)]
+    eager, out = step(*eager_args), compiled(*compiled_args)
+    eager.backward()
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(compiled_args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_bad_arguments_name_the_argument():
+    x, route, w1, b1, w2, b2 = make_inputs(3, 4, 8, 6, 2, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"route must hold expert indices in \[0, E = 2\)"):
+        time_moe(x, torch.tensor([0, 2, 1]), w1, b1, w2, b2)
+    with pytest.raises(RuntimeError, match=r"route must hold expert indices in \[0, E = 2\)"):
+        time_moe(x, torch.tensor([0, -1, 1]), w1, b1, w2, b2)
+    with pytest.raises(RuntimeError, match=r"route must have shape \[B\]"):
+        time_moe(x, route[:2], w1, b1, w2, b2)
+    with pytest.raises(RuntimeError, match="route must be int32 or int64"):
+        time_moe(x, route.float(), w1, b1, w2, b2)
+    with pytest.raises(RuntimeError, match=r"w1 must have shape \[E, C, F\]"):
+        time_moe(x, route, w1[:, :7], b1, w2, b2)
+    with pytest.raises(RuntimeError, match=r"b2 must have shape \[E, C\]"):
+        time_moe(x, route, w1, b1, w2, b2[:1])
+    with pytest.raises(RuntimeError, match="w2 must have the dtype of x"):
+        time_moe(x, route, w1, b1, w2.double(), b2)
+    with pytest.raises(RuntimeError, match="x must have 3 dimensions"):
+        time_moe(x[0], route, w1, b1, w2, b2)
