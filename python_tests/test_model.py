@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -51,9 +53,20 @@ def test_paper_preset_on_meta():
     assert out.sample.shape == x.shape
 
 
+def untrained_but_connected(model):
+    """proj_out starts at zero (each transformer starts as the identity), which also zeroes every gradient
+    inside the blocks at step 0; give it small weights so gradients can be checked."""
+    from raphael_ext.model import SpatialTransformer
+
+    for m in model.modules():
+        if isinstance(m, SpatialTransformer):
+            torch.nn.init.normal_(m.proj_out.weight, std=0.05)
+    return model
+
+
 def test_gradients_reach_gates_and_used_experts():
     torch.manual_seed(0)
-    model = RaphaelUNet(tiny(gate_noise=0.0))
+    model = untrained_but_connected(RaphaelUNet(tiny(gate_noise=0.0)))
     x, t, text, lengths = inputs(model.config)
     out = model(x, t, text, lengths)
     loss = out.sample.square().mean() + out.edge_logits.square().mean()
@@ -106,7 +119,7 @@ def test_any_number_of_space_experts(experts):
 
 def test_gradient_checkpointing_matches():
     torch.manual_seed(0)
-    model = RaphaelUNet(tiny(gate_noise=0.0))
+    model = untrained_but_connected(RaphaelUNet(tiny(gate_noise=0.0)))
     x, t, text, lengths = inputs(model.config)
     grads = []
     for enabled in (False, True):
@@ -227,6 +240,25 @@ def test_pipeline_makes_images_and_paths(tmp_path):
         assert plot(paths, tmp_path / name).stat().st_size > 0
     again = pipe(["a red circle", "a blue square above a green triangle"], height=32, width=64,
                  num_inference_steps=3, seed=0, progress=False)
-    assert all(list(a.getdata()) == list(b.getdata()) for a, b in zip(result.images, again.images))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, again.images))
     with pytest.raises(ValueError, match="multiples of 2"):
         pipe("x", height=31, width=32, num_inference_steps=1, progress=False)
+
+
+def test_pipeline_latent_mode_with_a_local_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from raphael_ext.pipeline import RaphaelPipeline
+
+    torch.manual_seed(0)
+    blocks = 4  # stride 8, like Stable Diffusion's VAE
+    AutoencoderKL(block_out_channels=(32,) * blocks, down_block_types=("DownEncoderBlock2D",) * blocks,
+                  up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=32,
+                  layers_per_block=1).save_pretrained(tmp_path / "vae")
+    vae = RaphaelPipeline.load_vae(tmp_path / "vae")
+    unet = RaphaelUNet(tiny(in_channels=4, out_channels=4, sample_size=8, latent=True))
+    with pytest.raises(ValueError, match="needs a vae"):
+        RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"))
+    pipe = RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"), vae=vae)
+    images = pipe("a yellow star", num_inference_steps=2, progress=False).images
+    assert images[0].size == (64, 64)

@@ -88,8 +88,9 @@ class RaphaelConfig:
                           layers_per_level=2, attention_levels=(True, True, True, False), head_dim=64,
                           text_encoder="small", text_dim=512, edge_channels=64, latent=True),
             # The paper's scale (Table 2): 16 transformer blocks, 6 space and 4 time experts, ViT-g/14 text
-            # (width 1024, 77 tokens), latent diffusion at 640x640 (80x80 latents). About 3 B parameters.
-            "paper": dict(sample_size=80, in_channels=4, out_channels=4, channels=(384, 768, 1536, 1536),
+            # (width 1024, 77 tokens), latent diffusion at 640x640 (80x80 latents). 2.98 B parameters (the
+            # paper: "about 3 B"); the deepest level, without attention, is widened to 2048 to get there.
+            "paper": dict(sample_size=80, in_channels=4, out_channels=4, channels=(384, 768, 1536, 2048),
                           layers_per_level=2, attention_levels=(True, True, True, False), head_dim=64,
                           text_encoder="ViT-g-14", text_dim=1024, edge_channels=128, latent=True,
                           gradient_checkpointing=True),
@@ -193,7 +194,8 @@ class RaphaelBlock(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.cross = MaskedCrossAttention(dim, config.text_dim, heads, alpha=config.alpha, dropout=config.dropout)
-        moe = dict(hidden_mult=config.expert_hidden_mult, gate_noise=config.gate_noise, balance_loss=config.balance_loss)
+        moe = dict(hidden_mult=config.expert_hidden_mult, gate_noise=config.gate_noise,
+                   balance_loss=config.balance_loss, pre_norm=True)
         self.time_moe = TimeMoE(dim, time_dim, config.active_time_experts, **moe)
         self.space_moe = SpaceMoE(dim, config.text_dim, config.active_space_experts, **moe)
 

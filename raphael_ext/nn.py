@@ -141,17 +141,19 @@ class SpaceMoE(nn.Module):
         hidden_mult: expert hidden width F = hidden_mult * dim. gate_hidden: width of the gate FFN (default text_dim).
         gate_noise: std of the noise eps added to the gate's softmax before the argmax, training only.
         balance_loss: also return the Switch-style load-balancing loss over the valid text tokens.
+        pre_norm: the experts see LayerNorm(x) (a transformer block's pre-norm FFN); out = x + mixture.
 
     The residual x + ... is ours (SPEC gives the mixture only); it makes num_experts = 0 an identity.
     """
 
     def __init__(self, dim: int, text_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
-                 gate_hidden: Optional[int] = None, balance_loss: bool = False):
+                 gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.gate_noise = gate_noise
         self.balance_loss = balance_loss
         if num_experts > 0:
+            self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
             self.gate = _gate_ffn(text_dim, gate_hidden or text_dim, num_experts)
             self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
 
@@ -160,7 +162,7 @@ class SpaceMoE(nn.Module):
         if self.num_experts == 0:
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(text), self.gate_noise, self.training)
-        out = x + space_moe(x, mask, route, gate.to(x.dtype), *self.experts, text_lengths)
+        out = x + space_moe(self.norm(x), mask, route, gate.to(x.dtype), *self.experts, text_lengths)
         balance = None
         if self.balance_loss:
             positions = torch.arange(route.shape[1], device=route.device)
@@ -178,12 +180,13 @@ class TimeMoE(nn.Module):
     num_experts = 0 turns the layer off (out = x). Arguments as SpaceMoE, with time_dim the embedding width."""
 
     def __init__(self, dim: int, time_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
-                 gate_hidden: Optional[int] = None, balance_loss: bool = False):
+                 gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.gate_noise = gate_noise
         self.balance_loss = balance_loss
         if num_experts > 0:
+            self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
             self.gate = _gate_ffn(time_dim, gate_hidden or time_dim, num_experts)
             self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
 
@@ -192,7 +195,7 @@ class TimeMoE(nn.Module):
         if self.num_experts == 0:
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(time_embedding), self.gate_noise, self.training)
-        out = x + gate.to(x.dtype).view(-1, 1, 1) * time_moe(x, route, *self.experts)
+        out = x + gate.to(x.dtype).view(-1, 1, 1) * time_moe(self.norm(x), route, *self.experts)
         balance = _balance_loss(probs, route, torch.ones_like(route, dtype=torch.bool)) if self.balance_loss else None
         return MoEOutput(out, route, balance)
 

@@ -48,7 +48,7 @@ def plot_time_experts(paths: DiffusionPaths, out: Union[str, Path], prompt: int 
         raise ValueError("plot_time_experts: no time-MoE routes were recorded (time-MoE is off)")
     table = torch.tensor(rows)  # [steps, blocks]
     fig, ax = plt.subplots(figsize=(1.5 + 0.35 * table.shape[1], 1.0 + 0.12 * table.shape[0]))
-    image = ax.imshow(table, aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    image = ax.imshow(table.numpy(), aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
     ax.set_xlabel("transformer block")
     ax.set_ylabel("sampling step (t)")
     ticks = list(range(0, len(paths.timesteps), max(1, len(paths.timesteps) // 8)))
@@ -67,7 +67,7 @@ def plot_attention_maps(paths: DiffusionPaths, out: Union[str, Path], prompt: in
     tokens = paths.tokens[prompt]
     fig, axes = plt.subplots(1, len(tokens), figsize=(1.6 * len(tokens), 1.9), squeeze=False)
     for ax, i in zip(axes[0], range(len(tokens))):
-        ax.imshow(maps[i], cmap="viridis")
+        ax.imshow(maps[i].numpy(), cmap="viridis")
         ax.set_title(tokens[i], fontsize=8)
         ax.axis("off")
     return _save(fig, out)

@@ -84,7 +84,14 @@ class RaphaelPipeline:
         """A diffusers AutoencoderKL from a local folder (config.json + weights); nothing is downloaded."""
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(str(folder), local_files_only=True).to(device, dtype).eval()
+        return AutoencoderKL.from_pretrained(str(folder), local_files_only=True).to(device, dtype).eval().requires_grad_(False)
+
+    @property
+    def vae_stride(self) -> int:
+        """Pixels per latent: 2 ** (number of VAE resolution levels - 1) (8 for Stable Diffusion's VAE)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +103,7 @@ class RaphaelPipeline:
                  negative_prompt: str = "", record_paths: bool = False, progress: bool = True) -> PipelineOutput:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         config = self.unet.config
-        factor = 8 if config.latent else 1  # the VAE's stride
+        factor = self.vae_stride
         height = height or config.sample_size * factor
         width = width or config.sample_size * factor
         levels = len(config.channels) - 1
