@@ -1,0 +1,185 @@
+"""Training data: `ShapesDataset`, a procedural text-to-image set whose captions can be checked from the pixels
+(1-3 coloured shapes with their relative position), and `FolderDataset` for real image + caption folders.
+
+ShapesDataset is deterministic: item i depends only on (seed, i, size), so any bucket size renders the same
+scene. Besides the image it returns the exact edge map and a mask per object, which is what edge supervision
+and the alignment judge need.
+"""
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+    "yellow": (235, 210, 40), "purple": (150, 60, 190), "white": (240, 240, 240),
+}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUND = (40, 40, 40)
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+
+
+@dataclass
+class ShapeSpec:
+    """One object: its shape, colour name, centre (fractions of width and height) and size (fraction of the
+    shorter side: the circle's diameter, the square's side, the triangle's height)."""
+
+    shape: str
+    color: str
+    cx: float
+    cy: float
+    size: float
+
+
+def relation(a: ShapeSpec, b: ShapeSpec) -> str:
+    """Where a is relative to b, along the axis on which their centres differ most."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def caption(objects: Sequence[ShapeSpec]) -> str:
+    names = [f"a {o.color} {o.shape}" for o in objects]
+    if len(objects) == 1:
+        return names[0]
+    if len(objects) == 2:
+        return f"{names[0]} {relation(objects[0], objects[1])} {names[1]}"
+    return f"{names[0]} {relation(objects[0], objects[1])} {names[1]}, and {names[2]}"
+
+
+def sample_scene(rng: random.Random, max_objects: int = 3) -> List[ShapeSpec]:
+    """1..max_objects objects of distinct colours inside the image, centres at least 0.4 apart along some axis:
+    with sizes <= 0.38 they never overlap, and the relation in the caption is unambiguous."""
+    count = rng.randint(1, max_objects)
+    colors = rng.sample(sorted(COLORS), count)
+    while True:  # rejection sampling; a layout with no room left for the next object starts over
+        objects: List[ShapeSpec] = []
+        for _ in range(50 * count):
+            size = rng.uniform(0.22, 0.38)
+            margin = size / 2 + 0.02
+            spec = ShapeSpec(rng.choice(SHAPES), colors[len(objects)], rng.uniform(margin, 1 - margin),
+                             rng.uniform(margin, 1 - margin), size)
+            if all(max(abs(spec.cx - o.cx), abs(spec.cy - o.cy)) > 0.4 for o in objects):
+                objects.append(spec)
+                if len(objects) == count:
+                    return objects
+
+
+def shape_mask(spec: ShapeSpec, height: int, width: int) -> np.ndarray:
+    """Exact coverage of pixel centres by the shape (bool [H, W])."""
+    unit = min(height, width)
+    ys, xs = np.mgrid[0:height, 0:width]
+    x = (xs + 0.5 - spec.cx * width) / unit  # shape-local coordinates in units of the shorter side
+    y = (ys + 0.5 - spec.cy * height) / unit
+    half = spec.size / 2
+    if spec.shape == "circle":
+        return x * x + y * y <= half * half
+    if spec.shape == "square":
+        return (np.abs(x) <= half) & (np.abs(y) <= half)
+    # upright isosceles triangle of height `size` and base `size`, centred on its bounding box
+    inside_y = (y >= -half) & (y <= half)
+    return inside_y & (np.abs(x) <= (y + half) / 2)
+
+
+def render(objects: Sequence[ShapeSpec], height: int, width: int):
+    """(image uint8 [H, W, 3], visible object masks bool [n, H, W], edges bool [H, W]); later objects on top."""
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[:] = BACKGROUND
+    owner = np.full((height, width), -1, dtype=np.int64)
+    for i, spec in enumerate(objects):
+        covered = shape_mask(spec, height, width)
+        image[covered] = COLORS[spec.color]
+        owner[covered] = i
+    masks = np.stack([owner == i for i in range(len(objects))]) if objects else np.zeros((0, height, width), bool)
+    edges = np.zeros((height, width), dtype=bool)  # a pixel whose 4-neighbour belongs to another region
+    edges[:, 1:] |= owner[:, 1:] != owner[:, :-1]
+    edges[:, :-1] |= owner[:, :-1] != owner[:, 1:]
+    edges[1:, :] |= owner[1:, :] != owner[:-1, :]
+    edges[:-1, :] |= owner[:-1, :] != owner[1:, :]
+    return image, masks, edges
+
+
+class ShapesDataset(Dataset):
+    """`length` procedural scenes. item -> dict(image [3, H, W] in [-1, 1], edges [1, H, W] in {0, 1},
+    masks [3, H, W] (visible part of each object, zero rows for absent ones), caption, objects)."""
+
+    def __init__(self, length: int = 10000, size: Union[int, Tuple[int, int]] = 32, seed: int = 0,
+                 max_objects: int = 3):
+        self.length = length
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.seed = seed
+        self.max_objects = max_objects
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> List[ShapeSpec]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"ShapesDataset: index {index} out of range [0, {self.length})")
+        return sample_scene(random.Random(f"{self.seed}:{index}"), self.max_objects)
+
+    def item(self, index: int, height: int, width: int) -> dict:
+        """Item `index` rendered at height x width (what a bucket sampler asks for)."""
+        objects = self.scene(index)
+        image, masks, edges = render(objects, height, width)
+        padded = np.zeros((self.max_objects, height, width), dtype=bool)
+        padded[: len(objects)] = masks
+        return {
+            "image": torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0,
+            "edges": torch.from_numpy(edges)[None].float(),
+            "masks": torch.from_numpy(padded).float(),
+            "caption": caption(objects),
+            "objects": objects,
+        }
+
+    def __getitem__(self, index: Union[int, Tuple[int, int, int]]) -> dict:
+        if isinstance(index, tuple):  # (index, height, width) from a bucket sampler
+            return self.item(*index)
+        return self.item(index, *self.size)
+
+
+class FolderDataset(Dataset):
+    """Images with same-name .txt captions in a folder (png/jpg/jpeg/webp), resized and centre-cropped to the
+    requested size; edges come from `raphael_ext.edges.sobel_edges` at training time."""
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+    def __init__(self, folder: Union[str, Path], size: Union[int, Tuple[int, int]] = 256):
+        self.folder = Path(folder)
+        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in self.EXTENSIONS
+                            and p.with_suffix(".txt").is_file())
+        if not self.files:
+            raise ValueError(f"FolderDataset: no image with a same-name .txt caption in {self.folder}")
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def item(self, index: int, height: int, width: int) -> dict:
+        path = self.files[index]
+        image = Image.open(path).convert("RGB")
+        scale = max(height / image.height, width / image.width)
+        image = image.resize((max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale))),
+                             Image.BICUBIC)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        return {"image": pixels, "caption": path.with_suffix(".txt").read_text().strip()}
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self.item(*index)
+        return self.item(index, *self.size)
+
+
+__all__ = ["COLORS", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
+           "sample_scene", "shape_mask"]
