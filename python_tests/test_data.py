@@ -81,3 +81,15 @@ def test_folder_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image"):
         FolderDataset(tmp_path / "empty", size=8)
+
+
+def test_judge_is_accurate_on_renders_and_rejects_wrong_scenes():
+    from raphael_ext.judge import judge_accuracy, judge_image
+
+    data = ShapesDataset(300, 32, seed=11)
+    assert judge_accuracy(data, 300) >= 0.95
+    # The same judge scores mismatched image/prompt pairs low, so a high score means something.
+    wrong = [judge_image(data[i]["image"], data[(i + 1) % 300]["objects"])["score"] for i in range(300)]
+    assert np.mean(wrong) < 0.5
+    blank = torch.full((3, 32, 32), -1.0)
+    assert judge_image(blank, data[0]["objects"])["score"] == 0.0
