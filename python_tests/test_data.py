@@ -93,3 +93,6 @@ def test_judge_is_accurate_on_renders_and_rejects_wrong_scenes():
     assert np.mean(wrong) < 0.5
     blank = torch.full((3, 32, 32), -1.0)
     assert judge_image(blank, data[0]["objects"])["score"] == 0.0
+    noise = [judge_image(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1,
+                         data[i]["objects"])["score"] for i in range(50)]
+    assert np.mean(noise) < 0.1, "uniform noise must not pass as shapes"

@@ -18,6 +18,7 @@ from .data import COLORS, ShapeSpec, ShapesDataset, relation
 FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
 COLOR_TOLERANCE = 60  # max |channel difference| to count a pixel as a palette colour
 MIN_PIXELS = 6
+MIN_SIZE = 0.22  # the smallest object ShapesDataset draws, as a fraction of the shorter side
 
 
 def _as_uint8(image) -> np.ndarray:
@@ -27,11 +28,41 @@ def _as_uint8(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)[..., :3]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a bool mask (the scattered pixels of noise form small ones)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        current += 1
+        labels[start] = current
+        stack, size = [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else np.zeros_like(mask)
+
+
 def find_object(pixels: np.ndarray, color: str):
-    """(mask of the pixels of `color`, or None when fewer than MIN_PIXELS match)."""
+    """The blob of `color`: the largest connected region of pixels within COLOR_TOLERANCE of the palette colour,
+    or None when it is smaller than half the smallest object the dataset draws or not compact (noise)."""
     target = np.array(COLORS[color], dtype=np.int16)
-    mask = np.abs(pixels.astype(np.int16) - target).max(axis=-1) <= COLOR_TOLERANCE
-    return mask if mask.sum() >= MIN_PIXELS else None
+    blob = largest_component(np.abs(pixels.astype(np.int16) - target).max(axis=-1) <= COLOR_TOLERANCE)
+    smallest = 0.5 * (MIN_SIZE * min(pixels.shape[:2])) ** 2 * FILL["triangle"]
+    if blob.sum() < max(MIN_PIXELS, smallest):
+        return None
+    ys, xs = np.nonzero(blob)
+    if blob.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)) < 0.35:
+        return None
+    return blob
 
 
 def classify_shape(mask: np.ndarray) -> str:
