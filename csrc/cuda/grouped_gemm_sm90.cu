@@ -10,6 +10,14 @@
 // The kernels exist only in the sm_90a device code (CUTLASS compiles their bodies under
 // __CUDA_ARCH_FEAT_SM90_ALL); a device variable tells at run time whether the binary loaded for this
 // GPU holds them.
+
+// CUTLASS's device-side asserts are function calls; inside the wgmma mainloop they make ptxas serialise the
+// asynchronous MMAs (warning C7510, a large loss on Hopper). Release builds of CUTLASS (and
+// PyTorch's) define NDEBUG, and torch extensions do not pass it to nvcc, so this file does.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
 #include "cuda_utils.cuh"
 #include "moe_cuda.h"
 
