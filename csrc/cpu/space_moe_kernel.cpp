@@ -59,8 +59,8 @@ MoePlan MoeBackend::plan(const at::Tensor& mask, const at::Tensor& route, const 
                 " for sample ", b);
     for (int64_t i = 0; i < len[b]; ++i) {
       const int64_t k = rp[b * N_y + i];
-      TORCH_CHECK(k >= 0 && k < E, op, ": route must be an expert index in [0, E = ", E, ") for valid text tokens, got ",
-                  k, " at [", b, ", ", i, "]");
+      TORCH_CHECK(k >= 0 && k < E, op, ": route must be an expert index in [0, E = ", E,
+                  ") for valid text tokens, got ", k, " at [", b, ", ", i, "]");
     }
   }
   const at::Tensor m = mask.contiguous();
@@ -192,7 +192,9 @@ at::Tensor MoeBackend::pair_dot(const at::Tensor& rows, const at::Tensor& values
           const int32_t p = idx[j * E + k];
           if (p < 0) continue;
           acc_t sum = 0;
-          for (int64_t ch = 0; ch < C; ++ch) sum += static_cast<acc_t>(rp[j * C + ch]) * static_cast<acc_t>(vp[p * C + ch]);
+          for (int64_t ch = 0; ch < C; ++ch) {
+            sum += static_cast<acc_t>(rp[j * C + ch]) * static_cast<acc_t>(vp[p * C + ch]);
+          }
           op[j * E + k] = sum;
         }
       }

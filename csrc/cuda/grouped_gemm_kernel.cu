@@ -72,9 +72,9 @@ void launch_zero_tail(at::Tensor& out, const at::Tensor& offsets, cudaStream_t s
   const int64_t wave = 4LL * multiprocessor_count(out.get_device());
   const int blocks = static_cast<int>(std::min(wave, (n + kThreads - 1) / kThreads));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "grouped_gemm_zero_tail", [&] {
-    zero_tail_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(out.mutable_data_ptr<scalar_t>(),
-                                                                offsets.const_data_ptr<int32_t>(),
-                                                                static_cast<int>(offsets.numel()), out.size(0), out.size(1));
+    zero_tail_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        out.mutable_data_ptr<scalar_t>(), offsets.const_data_ptr<int32_t>(), static_cast<int>(offsets.numel()),
+        out.size(0), out.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -4,6 +4,14 @@
 // device-only scheduler reads them there (no host precomputation, so no synchronisation and empty
 // groups simply own no tile). The bias is the epilogue's C operand with leading dimension 0 (every row
 // of group g reads bias[g]), and GELU (exact erf) is the epilogue's activation.
+
+// CUTLASS's device-side asserts are function calls; in the mainloop they cost registers and branches.
+// Release builds of CUTLASS (and PyTorch's) define NDEBUG, and torch extensions do not pass it to nvcc,
+// so this file does.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
 #include "cuda_utils.cuh"
 #include "moe_cuda.h"
 

@@ -63,7 +63,8 @@ __device__ inline GroupGemm describe_group(const GroupedGemmProblem& p, int g) {
   const int32_t start = g == 0 ? 0 : p.offsets[g - 1];
   const int32_t end = p.offsets[g];
   // Host code checks everything else; checking these values there would synchronise.
-  CUDA_KERNEL_ASSERT(start <= end && end <= p.rows && "grouped_gemm: offsets must be non-decreasing row ends in [0, T]");
+  CUDA_KERNEL_ASSERT(start <= end && end <= p.rows &&
+                     "grouped_gemm: offsets must be non-decreasing row ends in [0, T]");
   const int m = end - start;
   if (p.kind == GemmKind::Forward) {
     return {m, int(p.N), int(p.K), start * p.K, g * p.K * p.N, start * p.N, p.K, p.N, p.N};

@@ -25,21 +25,30 @@ constexpr int kThreads = 128;  // per token in the row kernels; C = 1024 bf16 is
 // ---------------------------------------------------------------------------------------------
 // Kernel bodies.
 
-// One thread per image token j: w_jk += g_i / n_y where mask[j, i], else z_jk; flags the pairs.
-template <typename acc_t>
-__global__ void plan_tokens_kernel(const bool* __restrict__ mask, const int64_t* __restrict__ route,
-                                   const acc_t* __restrict__ gate, const int64_t* __restrict__ lengths, int64_t n,
-                                   int64_t N_x, int64_t N_y, int64_t E, acc_t* __restrict__ weight,
-                                   acc_t* __restrict__ z, int32_t* __restrict__ present) {
+// One thread per image token j: w_jk += g_i / n_y where mask[j, i], else z_jk; flags the pairs. The
+// thread zeroes its own rows first, so the outputs need no separate fill (one launch fewer per output),
+// and reads route, lengths and gate in their own dtypes (no conversion launches): the plan is a handful
+// of launches, which is what it costs at RAPHAEL's sizes.
+template <typename scalar_t, typename index_t>
+__global__ void plan_tokens_kernel(const bool* __restrict__ mask, const index_t* __restrict__ route,
+                                   const scalar_t* __restrict__ gate, const index_t* __restrict__ lengths, int64_t n,
+                                   int64_t N_x, int64_t N_y, int64_t E, at::opmath_type<scalar_t>* __restrict__ weight,
+                                   at::opmath_type<scalar_t>* __restrict__ z, int32_t* __restrict__ present) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
+    for (int64_t k = 0; k < E; ++k) {
+      weight[j * E + k] = acc_t(0);
+      z[j * E + k] = acc_t(0);
+      present[j * E + k] = 0;
+    }
     const int64_t b = j / N_x;
-    const int64_t n_y = lengths != nullptr ? lengths[b] : N_y;
+    const int64_t n_y = lengths != nullptr ? static_cast<int64_t>(lengths[b]) : N_y;
     CUDA_KERNEL_ASSERT(n_y >= 0 && n_y <= N_y && "space_moe: text_lengths must be in [0, N_y]");
     for (int64_t i = 0; i < n_y; ++i) {
       const int64_t k = route[b * N_y + i];
       CUDA_KERNEL_ASSERT(k >= 0 && k < E && "space_moe: route must be an expert index in [0, E)");
-      const acc_t g = gate[b * N_y + i] / static_cast<acc_t>(n_y);
+      const acc_t g = static_cast<acc_t>(gate[b * N_y + i]) / static_cast<acc_t>(n_y);
       if (mask[j * N_y + i]) {
         weight[j * E + k] += g;
         present[j * E + k] = 1;
@@ -100,7 +109,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     combine_kernel(const scalar_t* __restrict__ values, const int32_t* __restrict__ pair_index,
-                   const at::opmath_type<scalar_t>* __restrict__ weight, const at::opmath_type<scalar_t>* __restrict__ z,
+                   const at::opmath_type<scalar_t>* __restrict__ weight,
+                   const at::opmath_type<scalar_t>* __restrict__ z,
                    const at::opmath_type<scalar_t>* __restrict__ c, int64_t n, int64_t E, int64_t C,
                    scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -201,38 +211,46 @@ MoePlan MoeBackend::plan(const at::Tensor& mask, const at::Tensor& route, const 
   const c10::cuda::CUDAGuard device_guard(mask.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = mask.size(0), N_x = mask.size(1), N_y = mask.size(2), E = num_experts, n = B * N_x;
-  const at::Tensor m = mask.contiguous();
-  const at::Tensor r = route.to(at::kLong).contiguous();
-  const std::optional<at::Tensor> lengths =
-      text_lengths.has_value() ? std::optional(text_lengths->to(at::kLong).contiguous()) : std::nullopt;
-  const auto acc = acc_dtype(gate.scalar_type());
-  const at::Tensor g = gate.to(acc).contiguous();
+  TORCH_INTERNAL_ASSERT(n * std::min(E, N_y) <= capacity);
+  const auto int_options = route.options().dtype(at::kInt);
+  const auto acc_options = gate.options().dtype(acc_dtype(gate.scalar_type()));
   MoePlan plan;
-  plan.weight = at::zeros({n, E}, gate.options().dtype(acc));
-  plan.z = at::zeros({n, E}, gate.options().dtype(acc));
-  plan.offsets = at::zeros({E}, route.options().dtype(at::kInt));
-  at::Tensor present = at::zeros({n, E}, route.options().dtype(at::kInt));
   if (n == 0) {
-    plan.pair_index = present;
+    plan.offsets = at::zeros({E}, int_options);
+    plan.pair_index = at::empty({0, E}, int_options);
+    plan.weight = at::empty({0, E}, acc_options);
+    plan.z = at::empty({0, E}, acc_options);
     return plan;
   }
-  const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 8LL * multiprocessor_count(mask.get_device())));
-  AT_DISPATCH_FLOATING_TYPES(acc, "space_moe_plan_cuda", [&] {
-    plan_tokens_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        m.const_data_ptr<bool>(), r.const_data_ptr<int64_t>(), g.const_data_ptr<scalar_t>(),
-        optional_ptr<int64_t>(lengths), n, N_x, N_y, E, plan.weight.mutable_data_ptr<scalar_t>(),
-        plan.z.mutable_data_ptr<scalar_t>(), present.mutable_data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor m = mask.contiguous(), r = route.contiguous(), g = gate.contiguous();
+  // Same index dtype as route (a no-op for the usual int64 pair).
+  const std::optional<at::Tensor> lengths =
+      text_lengths.has_value() ? std::optional(text_lengths->to(route.scalar_type()).contiguous()) : std::nullopt;
+  plan.weight = at::empty({n, E}, acc_options);  // written in full by plan_tokens_kernel
+  plan.z = at::empty({n, E}, acc_options);
+  at::Tensor present = at::empty({n, E}, int_options);
+  constexpr int kPlanThreads = 256;
+  const int64_t max_blocks = 8LL * multiprocessor_count(mask.get_device());
+  const int token_blocks = static_cast<int>(std::min<int64_t>((n + kPlanThreads - 1) / kPlanThreads, max_blocks));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "space_moe_plan_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(r.scalar_type(), "space_moe_plan_cuda_index", [&] {
+      plan_tokens_kernel<scalar_t, index_t><<<token_blocks, kPlanThreads, 0, stream>>>(
+          m.const_data_ptr<bool>(), r.const_data_ptr<index_t>(), g.const_data_ptr<scalar_t>(),
+          optional_ptr<index_t>(lengths), n, N_x, N_y, E, plan.weight.mutable_data_ptr<acc_t>(),
+          plan.z.mutable_data_ptr<acc_t>(), present.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   const at::Tensor scan = at::cumsum(present, 0, at::kInt);
-  plan.pair_index = at::empty({n, E}, route.options().dtype(at::kInt));
-  const int pair_blocks = static_cast<int>(std::min<int64_t>((n * E + threads - 1) / threads, 8LL * multiprocessor_count(mask.get_device())));
-  plan_rows_kernel<<<pair_blocks, threads, 0, stream>>>(present.const_data_ptr<int32_t>(), scan.const_data_ptr<int32_t>(),
-                                                        n, E, plan.pair_index.mutable_data_ptr<int32_t>(),
-                                                        plan.offsets.mutable_data_ptr<int32_t>());
+  plan.pair_index = at::empty({n, E}, int_options);
+  plan.offsets = at::empty({E}, int_options);  // written by the threads of token 0
+  const int pair_blocks = static_cast<int>(std::min<int64_t>((n * E + kPlanThreads - 1) / kPlanThreads, max_blocks));
+  plan_rows_kernel<<<pair_blocks, kPlanThreads, 0, stream>>>(present.const_data_ptr<int32_t>(),
+                                                             scan.const_data_ptr<int32_t>(), n, E,
+                                                             plan.pair_index.mutable_data_ptr<int32_t>(),
+                                                             plan.offsets.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_INTERNAL_ASSERT(n * std::min(E, N_y) <= capacity);
   return plan;
 }
 
