@@ -12,7 +12,7 @@ RAPHAEL_EXT_CUDA ?= auto
 export MAX_JOBS RAPHAEL_EXT_CUDA
 DATE := $(shell date +%Y-%m-%d)
 
-.PHONY: all deps install develop test test-cuda bench demo info cmake clean
+.PHONY: all deps install develop test test-cuda bench demo ablation info cmake clean
 
 all: install
 
@@ -50,9 +50,13 @@ bench: install
 	$(PYTEST) benchmarks -q --benchmark-json=benchmarks/results/$(DATE)-$(shell hostname)-bench.json
 	$(PY) benchmarks/report.py benchmarks/results/$(DATE)-$(shell hostname)-bench.json
 
-## demo: until the trainer lands, the focal loss benchmark against its peers, with the table printed
+## demo: train the tiny preset on shapes (2 CPU cores, < 10 min); samples, paths, attention, metrics in runs/demo
 demo: install
-	$(PYTEST) benchmarks/test_focal_loss.py -q -k cpu
+	$(PY) -P -m raphael_ext demo --out runs/demo --steps $(or $(STEPS),300)
+
+## ablation: the demo's budget with and without space-MoE, alignment scores side by side (runs/ablation)
+ablation: install
+	$(PY) -P -m raphael_ext ablation --out runs/ablation --steps $(or $(STEPS),300)
 
 info: install
 	$(PY) -P -m raphael_ext.info

@@ -1,0 +1,161 @@
+"""Trainer: learning on a fixed batch, the edge-loss gate, exact resume, checkpoint safety, DDP, CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raphael_ext.train import TrainConfig, Trainer, buckets
+
+SMALL_MODEL = {"channels": [32, 64], "norm_groups": 8, "space_experts": 3, "time_experts": 2, "edge_channels": 8,
+               "sample_size": 16}
+
+
+def config(tmp_path, **overrides):
+    base = dict(out=str(tmp_path / "run"), steps=4, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1,
+                multiscale=False, dataset_size=64, model=dict(SMALL_MODEL))
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_steps_on_a_fixed_batch_lower_its_loss(tmp_path):
+    trainer = Trainer(config(tmp_path, caption_dropout=0.0), device="cpu")
+    losses = [trainer.train_step(0)["loss"] for _ in range(8)]  # step 0's batch, timesteps and noise every time
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_edge_loss_only_for_small_timesteps(tmp_path):
+    never = Trainer(config(tmp_path, model={**SMALL_MODEL, "t_cutoff": -1}), device="cpu")
+    assert all(never.train_step(s)["edge"] == 0.0 for s in range(3))
+    always = Trainer(config(tmp_path, model={**SMALL_MODEL, "t_cutoff": 1000}), device="cpu")
+    assert all(always.train_step(s)["edge"] > 0.0 for s in range(3))
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = Trainer(config(tmp_path, steps=6, checkpoint_every=3, keep_last=5), device="cpu")
+    history = full.train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000003"
+    assert checkpoint.is_dir() and (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000006"
+    shutil.copytree(checkpoint, tmp_path / "copy" / "checkpoints" / "step-0000003")
+    resumed = Trainer.resume(str(tmp_path / "copy"), checkpoint=str(tmp_path / "copy" / "checkpoints" / "step-0000003"),
+                             device="cpu")
+    assert resumed.step == 3
+    rest = resumed.train()
+    assert [r["loss"] for r in rest] == [r["loss"] for r in history[3:]]
+    for a, b in zip(full.unet.parameters(), resumed.unet.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_checkpoints_give_clear_errors_and_keep_the_last_good_one(tmp_path):
+    trainer = Trainer(config(tmp_path, steps=2), device="cpu")
+    trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    good = root / "step-0000002"
+    (good / "optimizer.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        Trainer.resume(str(tmp_path / "run"))
+    (good / "ema.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        Trainer.resume(str(tmp_path / "run"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer.resume(str(tmp_path / "nothing"))
+    # A save that fails half-way leaves the previous checkpoint and `latest` untouched.
+    before = (root / "latest").read_text()
+    trainer.step = 3
+    original = trainer.optimizer.state_dict
+    trainer.optimizer.state_dict = lambda: (_ for _ in ()).throw(OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    trainer.optimizer.state_dict = original
+    assert (root / "latest").read_text() == before and not (root / "step-0000003").exists()
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_buckets_follow_the_paper():
+    sizes = buckets(640, 64)
+    assert (448, 832) in sizes and (640, 640) in sizes and len(sizes) == 9
+    assert all(h % 4 == 0 and w % 4 == 0 for h, w in buckets(32, 4))
+
+
+def _ddp_worker(rank, world, port, out, result_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(TrainConfig(**out), device="cpu")
+        trainer.train_step(0)
+        trainer.compute_gradients(1)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(_grads_and_params(trainer), result_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _grads_and_params(trainer):
+    out = {}
+    for name, p in trainer.unet.named_parameters():
+        out["param." + name] = p.detach().contiguous()
+        out["grad." + name] = p.grad.contiguous()
+    return out
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """Two gloo ranks with half the batch each compute what one process computes on the whole batch: the same
+    parameters after a step and the same (all-reduced, clipped) gradients for the next. Gate noise is off (it is
+    drawn per rank) and every sample takes the edge loss (its mean is per rank). Parameters are compared to 2 lr:
+    Adam's first update is lr * sign(g), so a gradient that is 0 up to rounding may move either way."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    lr = 1e-3
+    model = {**SMALL_MODEL, "gate_noise": 0.0, "t_cutoff": 1000}
+    args = dict(out=str(tmp_path / "ddp"), steps=2, batch_size=4, lr=lr, warmup_steps=1, multiscale=False,
+                dataset_size=64, caption_dropout=0.0, model=model)
+    ctx = mp.get_context("spawn")
+    port = 29500 + os.getpid() % 1000
+    result_file = str(tmp_path / "rank0.safetensors")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, args, result_file)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    ddp = load_file(result_file)
+    single = Trainer(TrainConfig(**{**args, "out": str(tmp_path / "single")}), device="cpu")
+    single.train_step(0)
+    single.compute_gradients(1)
+    moved = 0
+    for key, value in _grads_and_params(single).items():
+        if key.startswith("grad."):
+            scale = value.abs().max().item() + 1e-12
+            torch.testing.assert_close(ddp[key], value, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{key}: {m}")
+        else:
+            torch.testing.assert_close(ddp[key], value, rtol=0, atol=2.01 * lr, msg=lambda m: f"{key}: {m}")
+            moved += (ddp[key] - value).abs().gt(1e-6).sum().item()
+    total = sum(p.numel() for p in single.unet.parameters())
+    assert moved < 0.01 * total, f"{moved} of {total} parameters differ after one step"
+
+
+def test_cli_train_sample_evaluate(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "raphael_ext"]
+    out = tmp_path / "cli"
+    subprocess.run(run + ["train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1",
+                          "--model", json.dumps(SMALL_MODEL)], check=True, env=env, capture_output=True)
+    assert (out / "unet_ema" / "model.safetensors").is_file()
+    subprocess.run(run + ["train", "--out", str(out), "--resume", "--steps", "3"], check=True, env=env,
+                   capture_output=True)
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000003"
+    subprocess.run(run + ["sample", "--ckpt", str(out / "unet_ema"), "--prompt", "a red circle", "--steps", "2",
+                          "--out", str(tmp_path / "img.png")], check=True, env=env, capture_output=True)
+    assert (tmp_path / "img.png").is_file()
+    result = subprocess.run(run + ["evaluate", "--ckpt", str(out / "unet_ema"), "--count", "4", "--steps", "2",
+                                   "--out", str(tmp_path / "eval")], check=True, env=env, capture_output=True, text=True)
+    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert 0.0 <= metrics["alignment"] <= 1.0 and metrics["judge_accuracy_on_renders"] >= 0.95
+    assert (tmp_path / "eval" / "samples.png").is_file() and "alignment" in result.stdout

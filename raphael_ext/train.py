@@ -1,0 +1,313 @@
+"""Training RAPHAEL (SPEC §2.5): L = L_denoise + L_edge (only for t <= T_c) + an optional balance loss; AdamW with the
+paper's defaults and linear warm-up, EMA weights, caption dropout for classifier-free guidance, multi-scale
+buckets, gradient checkpointing, DDP through torchrun. Small and readable, in the spirit of DiT's train.py.
+
+Every random draw of a step (which items, their bucket, caption dropout, timesteps, noise, the gates' noise)
+comes from generators seeded by (seed, step, rank), so a run resumed from a checkpoint continues exactly:
+the checkpoint holds the model, the EMA, the optimiser, the learning-rate schedule and the step.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .data import FolderDataset, ShapesDataset
+from .edges import sobel_edges
+from .model import RaphaelConfig, RaphaelUNet, atomic_save_safetensors, atomic_write_bytes
+from .nn import EdgeFocalLoss
+from .text import OpenCLIPTextEncoder
+
+# The paper's 9 training buckets (height, width) in pixels.
+PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (640, 576), (704, 512), (768, 512),
+                 (832, 448))
+
+
+def buckets(sample_size: int, multiple: int) -> List[Tuple[int, int]]:
+    """The paper's buckets scaled so that 640x640 becomes sample_size x sample_size, rounded to `multiple`."""
+    scale = sample_size / 640
+    out = []
+    for h, w in PAPER_BUCKETS:
+        size = (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+        if size not in out:
+            out.append(size)
+    return out
+
+
+class NoiseSchedule:
+    """DDPM's forward process with the betas RaphaelPipeline's default DDIM scheduler uses (linear in pixel space,
+    scaled-linear in latent space), so training and sampling agree."""
+
+    def __init__(self, config: RaphaelConfig):
+        if config.latent:
+            betas = torch.linspace(0.00085**0.5, 0.012**0.5, config.num_train_timesteps, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(0.0001, 0.02, config.num_train_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: str = "shapes"  # "shapes" or a folder of images with same-name .txt captions
+    out: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 16  # global batch (split over DDP ranks)
+    lr: float = 1e-4  # the paper's AdamW settings
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    edge_weight: float = 1.0
+    balance_weight: float = 0.01
+    multiscale: bool = True
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = 3
+    dataset_size: int = 100_000
+    text_checkpoint: Optional[str] = None
+    model: Dict[str, object] = field(default_factory=dict)  # RaphaelConfig overrides
+
+    def model_config(self) -> RaphaelConfig:
+        return RaphaelConfig.preset(self.preset, **self.model)
+
+
+def _seed(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + part + 1442695040888963407) % (1 << 63)
+    return value
+
+
+class Trainer:
+    """Trainer(TrainConfig).train(); Trainer.resume(out folder) continues the latest checkpoint."""
+
+    def __init__(self, config: TrainConfig, device: Optional[str] = None):
+        self.config = config
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if config.batch_size % self.world:
+            raise ValueError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.model_config = config.model_config()
+        self.unet = RaphaelUNet(self.model_config).to(self.device)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        self.text_encoder = OpenCLIPTextEncoder(self.model_config.text_encoder, checkpoint=config.text_checkpoint)
+        self.text_encoder.to(self.device)
+        self.model = DistributedDataParallel(self.unet) if self.world > 1 else self.unet
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        warmup = max(1, config.warmup_steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.schedule = NoiseSchedule(self.model_config)
+        self.edge_loss = EdgeFocalLoss(t_cutoff=self.model_config.t_cutoff)
+        size = self.model_config.sample_size * (8 if self.model_config.latent else 1)
+        if config.data == "shapes":
+            self.dataset = ShapesDataset(config.dataset_size, size, seed=config.seed)
+        else:
+            self.dataset = FolderDataset(config.data, size)
+        multiple = 2 ** (len(self.model_config.channels) - 1) * (8 if self.model_config.latent else 1)
+        self.buckets = buckets(size, multiple) if config.multiscale else [(size, size)]
+        if self.model_config.latent:
+            raise NotImplementedError("Trainer: latent-space training needs a VAE encoder; train a pixel preset "
+                                      "(tiny) or encode the dataset first")
+        self.step = 0
+        self.out = Path(config.out)
+        self.history: List[Dict[str, float]] = []
+
+    # --- data ------------------------------------------------------------------------------------------------
+    def batch(self, step: int) -> Dict[str, object]:
+        """This rank's share of the global batch of `step`: one bucket for the whole batch."""
+        g = torch.Generator().manual_seed(_seed(self.config.seed, step))
+        height, width = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=g))]
+        indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist()
+        dropped = (torch.rand(self.config.batch_size, generator=g) < self.config.caption_dropout).tolist()
+        share = slice(self.rank, None, self.world)
+        items = [self.dataset[(i, height, width)] for i in indices[share]]
+        images = torch.stack([item["image"] for item in items])
+        edges = torch.stack([item["edges"] for item in items]) if "edges" in items[0] else sobel_edges((images + 1) / 2)
+        captions = ["" if drop else item["caption"] for item, drop in zip(items, dropped[share])]
+        return {"images": images, "edges": edges, "captions": captions}
+
+    # --- one step --------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> Dict[str, float]:
+        losses = self.compute_gradients(step)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self._update_ema()
+        return losses
+
+    def compute_gradients(self, step: int) -> Dict[str, float]:
+        """Forward and backward of `step`'s batch (gradients all-reduced under DDP, then clipped); no update."""
+        self.unet.train()
+        batch = self.batch(step)
+        x0 = batch["images"].to(self.device)
+        # Timesteps and noise are drawn for the global batch and sliced, so N ranks see what one process would.
+        g = torch.Generator().manual_seed(_seed(self.config.seed, step, 1))
+        share = slice(self.rank, None, self.world)
+        t = torch.randint(0, self.model_config.num_train_timesteps, (self.config.batch_size,), generator=g)
+        noise = torch.randn((self.config.batch_size, *x0.shape[1:]), generator=g)
+        t, noise = t[share].to(self.device), noise[share].to(self.device)
+        torch.manual_seed(_seed(self.config.seed, step, 1000 + self.rank))  # gate noise and dropout of this step
+        states, lengths = self.text_encoder.encode(batch["captions"], device=self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(self.schedule.add_noise(x0, noise, t), t, states, lengths)
+        losses = {"denoise": F.mse_loss(out.sample.float(), noise)}
+        if out.edge_logits is not None:
+            edges = F.adaptive_max_pool2d(batch["edges"].to(self.device), out.edge_logits.shape[-2:])
+            losses["edge"] = self.config.edge_weight * self.edge_loss(out.edge_logits.float(), edges, t)
+        if out.balance_loss is not None:
+            losses["balance"] = self.config.balance_weight * out.balance_loss.float()
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.ema_decay
+        for ema, param in zip(self.ema.parameters(), self.unet.parameters()):
+            ema.lerp_(param, 1 - decay)
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    def train(self) -> List[Dict[str, float]]:
+        config = self.config
+        bar = tqdm(range(self.step, config.steps), initial=self.step, total=config.steps, desc="train",
+                   disable=self.rank != 0)
+        for step in bar:
+            record = {"step": step + 1, **self.train_step(step)}
+            self.history.append(record)
+            self.step = step + 1
+            if self.rank == 0 and (self.step % config.log_every == 0 or self.step == config.steps):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
+                self._log(record)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        return self.history
+
+    def _log(self, record: Dict[str, float]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """out/checkpoints/step-XXXXXXX/ with model, ema and optimizer safetensors + state.json, written into a
+        temporary folder and renamed into place, then `latest` is updated; older ones beyond keep_last go."""
+        if self.rank != 0:
+            return self.out
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:07d}"
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        try:
+            atomic_save_safetensors(self.unet.state_dict(), tmp / "model.safetensors")
+            atomic_save_safetensors(self.ema.state_dict(), tmp / "ema.safetensors")
+            tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+            atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+            state = {"step": self.step, "train_config": dataclasses.asdict(self.config),
+                     "model_config": self.model_config.to_dict(), "param_groups": groups,
+                     "lr_schedule": self.lr_schedule.state_dict()}
+            atomic_write_bytes(tmp / "state.json", json.dumps(state, indent=1, default=list).encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_bytes(root / "latest", final.name.encode())
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.config.keep_last]:
+            shutil.rmtree(old)
+        self.unet.save_pretrained(self.out / "unet")
+        self.ema.save_pretrained(self.out / "unet_ema")
+        return final
+
+    def load_checkpoint(self, folder: Path) -> None:
+        folder = Path(folder)
+        needed = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"]
+        missing = [n for n in needed if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Trainer: checkpoint {folder} is incomplete (missing {missing})")
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            self.unet.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
+            self.ema.load_state_dict(load_file(str(folder / "ema.safetensors"), device=str(self.device)))
+            tensors = load_file(str(folder / "optimizer.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        except Exception as error:  # safetensors, JSON and load_state_dict each raise their own kind
+            raise RuntimeError(f"Trainer: checkpoint {folder} is corrupt or from another model: {error}") from error
+        self.step = int(state["step"])
+
+    @classmethod
+    def resume(cls, out: str, steps: Optional[int] = None, device: Optional[str] = None,
+               checkpoint: Optional[str] = None) -> "Trainer":
+        """A Trainer continuing the run in `out` from its latest checkpoint (or from `checkpoint`, a step folder),
+        optionally with a new step target; it keeps writing into `out`."""
+        root = Path(out) / "checkpoints"
+        latest = root / "latest"
+        if checkpoint is not None:
+            folder = Path(checkpoint)
+        elif latest.is_file():
+            folder = root / latest.read_text().strip()
+        else:
+            raise FileNotFoundError(f"Trainer.resume: no checkpoint in {root}")
+        state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else None
+        if state is None:
+            raise FileNotFoundError(f"Trainer.resume: {folder} has no state.json")
+        config = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"]), "out": str(out)})
+        if steps is not None:
+            config.steps = steps
+        trainer = cls(config, device=device)
+        trainer.load_checkpoint(folder)
+        return trainer
+
+
+def _flatten_optimizer(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            tensors[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], groups: list) -> dict:
+    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+    return {"state": state, "param_groups": groups}
+
+
+def setup_distributed() -> None:
+    """Joins the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+__all__ = ["TrainConfig", "Trainer", "NoiseSchedule", "buckets", "PAPER_BUCKETS", "setup_distributed"]
