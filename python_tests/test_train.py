@@ -146,8 +146,9 @@ def test_cli_train_sample_evaluate(tmp_path):
     run = [sys.executable, "-m", "raphael_ext"]
     out = tmp_path / "cli"
     subprocess.run(run + ["train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1",
-                          "--model", json.dumps(SMALL_MODEL)], check=True, env=env, capture_output=True)
-    assert (out / "unet_ema" / "model.safetensors").is_file()
+                          "--sample-every", "2", "--model", json.dumps(SMALL_MODEL)], check=True, env=env,
+                   capture_output=True)
+    assert (out / "unet_ema" / "model.safetensors").is_file() and (out / "samples" / "step-0000002.png").is_file()
     subprocess.run(run + ["train", "--out", str(out), "--resume", "--steps", "3"], check=True, env=env,
                    capture_output=True)
     assert (out / "checkpoints" / "latest").read_text() == "step-0000003"

@@ -25,7 +25,8 @@ def _train(args) -> None:
     else:
         config = TrainConfig(preset=args.preset, data=args.data, out=args.out, steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every, text_checkpoint=args.text_checkpoint,
+                             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+                             text_checkpoint=args.text_checkpoint,
                              model=json.loads(args.model))
         trainer = Trainer(config)
     trainer.train()
@@ -87,6 +88,7 @@ def main(argv=None) -> None:
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--warmup-steps", type=int, default=20000)
     train.add_argument("--checkpoint-every", type=int, default=500)
+    train.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0: never)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--text-checkpoint", default=None, help="local OpenCLIP .safetensors for the text tower")
     train.add_argument("--model", default="{}", help='RaphaelConfig overrides as JSON, e.g. \'{"space_experts": 0}\'')

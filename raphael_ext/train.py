@@ -82,7 +82,7 @@ class TrainConfig:
     multiscale: bool = True
     seed: int = 0
     log_every: int = 10
-    sample_every: int = 0  # 0: only at the end
+    sample_every: int = 0  # EMA sample grid every N steps; 0: never
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 3
     dataset_size: int = 100_000
@@ -205,8 +205,24 @@ class Trainer:
                 self._log(record)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
                 self.save_checkpoint()
+            if config.sample_every and self.step % config.sample_every == 0 and self.rank == 0:
+                self.save_samples()
         self.save_checkpoint()
         return self.history
+
+    def save_samples(self, count: int = 8, steps: int = 25) -> Path:
+        """A grid of EMA samples for held-out shapes prompts: out/samples/step-XXXXXXX.png."""
+        from .evaluate import HELD_OUT_SEED, grid
+        from .pipeline import RaphaelPipeline
+
+        held_out = ShapesDataset(count, self.model_config.sample_size, seed=HELD_OUT_SEED)
+        captions = [held_out[i]["caption"] for i in range(count)]
+        images = RaphaelPipeline(self.ema, self.text_encoder)(captions, num_inference_steps=steps, seed=0,
+                                                              progress=False).images
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid(images, captions).save(path)
+        return path
 
     def _log(self, record: Dict[str, float]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
