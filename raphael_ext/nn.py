@@ -131,7 +131,26 @@ def _balance_loss(probs: Tensor, route: Tensor, valid: Tensor) -> Tensor:
     return num_experts * (fraction * mean_prob).sum()
 
 
-class SpaceMoE(nn.Module):
+class _ExpertLayer(nn.Module):
+    """What SpaceMoE and TimeMoE share: a gate FFN on the conditioning (text or time), E expert FFNs and the
+    optional pre-norm; num_experts = 0 creates no parameters (the layer is the identity)."""
+
+    def __init__(self, dim: int, cond_dim: int, num_experts: int, hidden_mult: int, gate_noise: float,
+                 gate_hidden: Optional[int], balance_loss: bool, pre_norm: bool):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_noise = gate_noise
+        self.balance_loss = balance_loss
+        if num_experts > 0:
+            self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+            self.gate = _gate_ffn(cond_dim, gate_hidden or cond_dim, num_experts)
+            self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
+
+
+class SpaceMoE(_ExpertLayer):
     """RAPHAEL's space-MoE layer (SPEC §2.4): each valid text token picks an expert with the text gate FFN, and
     that expert runs on the image region its mask selects; out = x + mean over text tokens.
 
@@ -148,14 +167,7 @@ class SpaceMoE(nn.Module):
 
     def __init__(self, dim: int, text_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
                  gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False):
-        super().__init__()
-        self.num_experts = num_experts
-        self.gate_noise = gate_noise
-        self.balance_loss = balance_loss
-        if num_experts > 0:
-            self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
-            self.gate = _gate_ffn(text_dim, gate_hidden or text_dim, num_experts)
-            self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
+        super().__init__(dim, text_dim, num_experts, hidden_mult, gate_noise, gate_hidden, balance_loss, pre_norm)
 
     def forward(self, x: Tensor, text: Tensor, mask: Tensor, text_lengths: Optional[Tensor] = None) -> MoEOutput:
         """x [B, N_x, C], text [B, N_y, d_y], mask bool [B, N_x, N_y] (M̂), text_lengths int [B] or None."""
@@ -170,25 +182,15 @@ class SpaceMoE(nn.Module):
             balance = _balance_loss(probs, route, valid)
         return MoEOutput(out, route, balance)
 
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
 
-
-class TimeMoE(nn.Module):
+class TimeMoE(_ExpertLayer):
     """RAPHAEL's time-MoE layer (SPEC §2.3): the time gate FFN picks one expert per sample from the timestep
     embedding; out = x + g * expert(x), with g = p / p.detach() (value 1) so the gate learns through p.
     num_experts = 0 turns the layer off (out = x). Arguments as SpaceMoE, with time_dim the embedding width."""
 
     def __init__(self, dim: int, time_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
                  gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False):
-        super().__init__()
-        self.num_experts = num_experts
-        self.gate_noise = gate_noise
-        self.balance_loss = balance_loss
-        if num_experts > 0:
-            self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
-            self.gate = _gate_ffn(time_dim, gate_hidden or time_dim, num_experts)
-            self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
+        super().__init__(dim, time_dim, num_experts, hidden_mult, gate_noise, gate_hidden, balance_loss, pre_norm)
 
     def forward(self, x: Tensor, time_embedding: Tensor) -> MoEOutput:
         """x [B, N, C], time_embedding [B, time_dim]."""
@@ -198,9 +200,6 @@ class TimeMoE(nn.Module):
         out = x + gate.to(x.dtype).view(-1, 1, 1) * time_moe(self.norm(x), route, *self.experts)
         balance = _balance_loss(probs, route, torch.ones_like(route, dtype=torch.bool)) if self.balance_loss else None
         return MoEOutput(out, route, balance)
-
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
 
 
 __all__ += ["MoEOutput", "SpaceMoE", "TimeMoE"]
