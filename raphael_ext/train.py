@@ -135,6 +135,7 @@ class Trainer:
         self.step = 0
         self.out = Path(config.out)
         self.history: List[Dict[str, float]] = []
+        self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
 
     # --- data ------------------------------------------------------------------------------------------------
     def batch(self, step: int) -> Dict[str, object]:
@@ -225,9 +226,22 @@ class Trainer:
         return path
 
     def _log(self, record: Dict[str, float]) -> None:
+        """Appends to out/log.jsonl, and to TensorBoard (out/tensorboard) when the tensorboard package is installed."""
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tensorboard = False
+        if self._tensorboard:
+            for key, value in record.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            self._tensorboard.add_scalar("train/lr", self.lr_schedule.get_last_lr()[0], record["step"])
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
