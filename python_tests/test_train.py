@@ -143,7 +143,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_cli_train_sample_evaluate(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-m", "raphael_ext"]
+    run = [sys.executable, "-P", "-m", "raphael_ext"]  # -P: the installed package, as the tests import it
     out = tmp_path / "cli"
     subprocess.run(run + ["train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1",
                           "--sample-every", "2", "--model", json.dumps(SMALL_MODEL)], check=True, env=env,
