@@ -8,9 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raphael_ext.edges import HEDDetector, sobel_edges
-from raphael_ext.model import RaphaelConfig, RaphaelUNet
-from raphael_ext.text import OpenCLIPTextEncoder
+pytest.importorskip("open_clip", reason="the text encoder needs open_clip_torch (not on the GPU device image)")
+pytest.importorskip("diffusers", reason="the pipeline needs diffusers (not on the GPU device image)")
+
+from raphael_ext.edges import HEDDetector, sobel_edges  # noqa: E402
+from raphael_ext.model import RaphaelConfig, RaphaelUNet  # noqa: E402
+from raphael_ext.text import OpenCLIPTextEncoder  # noqa: E402
 
 
 def tiny(**overrides):

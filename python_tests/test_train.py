@@ -9,7 +9,10 @@ import sys
 import pytest
 import torch
 
-from raphael_ext.train import TrainConfig, Trainer, buckets
+pytest.importorskip("open_clip", reason="the text encoder needs open_clip_torch (not on the GPU device image)")
+pytest.importorskip("diffusers", reason="the pipeline needs diffusers (not on the GPU device image)")
+
+from raphael_ext.train import TrainConfig, Trainer, buckets  # noqa: E402
 
 SMALL_MODEL = {"channels": [32, 64], "norm_groups": 8, "space_experts": 3, "time_experts": 2, "edge_channels": 8,
                "sample_size": 16}
