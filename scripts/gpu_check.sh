@@ -39,5 +39,6 @@ stamp "benchmarks"
 python3 -P -m pytest benchmarks -q -k cuda --benchmark-json="$OUT/$TAG-bench.json" > "$OUT/$TAG-bench.log" 2>&1 \
   || { tail -n 60 "$OUT/$TAG-bench.log"; status=1; }
 python3 benchmarks/report.py "$OUT/$TAG-bench.json" | tee "$OUT/$TAG-summary.md"
+python3 benchmarks/plot_runtime_vs_experts.py "$OUT/$TAG-bench.json" | tee -a "$OUT/$TAG-summary.md" || true
 stamp "done"
 exit "${status:-0}"
