@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -118,32 +118,33 @@ class RaphaelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes to a temporary file in the same folder, then renames it over `path`: a crash never leaves a
-    half-written file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp) fills a temporary file in the same folder, which is then renamed over `path`: a crash never
+    leaves a half-written file behind, and a failed write leaves the old one untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_atomically(path, write)
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _replace_atomically(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
