@@ -83,65 +83,97 @@ def test_buckets_follow_the_paper():
     assert all(h % 4 == 0 and w % 4 == 0 for h, w in buckets(32, 4))
 
 
-def _ddp_worker(rank, world, port, out, result_file):
+def _distributed_worker(rank, world, port, args, result_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(TrainConfig(**out), device="cpu")
+        trainer = Trainer(TrainConfig(**args), device="cpu")
+        assert trainer.sharded == args["fsdp"]
+        if trainer.sharded:  # each rank holds half of every parameter
+            weight = trainer.unet.conv_in.weight
+            assert weight.to_local().shape[0] * world == weight.shape[0]
         trainer.train_step(0)
+        trainer.step = 1  # what train() records after step 0
+        trainer.save_checkpoint()  # under FSDP a collective: rank 0 writes the gathered tensors
         trainer.compute_gradients(1)
+        result = _grads_and_params(trainer)  # under FSDP a collective too
+        trainer.save_samples(count=2, steps=2)  # the EMA's forward: under FSDP every rank takes part
         if rank == 0:
             from safetensors.torch import save_file
 
-            save_file(_grads_and_params(trainer), result_file)
+            save_file(result, result_file)
     finally:
         torch.distributed.destroy_process_group()
 
 
 def _grads_and_params(trainer):
+    """Full parameters and gradients by name (gathered from the shards under FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    def full(t):
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().contiguous()
+
     out = {}
     for name, p in trainer.unet.named_parameters():
-        out["param." + name] = p.detach().contiguous()
-        out["grad." + name] = p.grad.contiguous()
+        out["param." + name] = full(p)
+        out["grad." + name] = full(p.grad)
     return out
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    """Two gloo ranks with half the batch each compute what one process computes on the whole batch: the same
-    parameters after a step and the same (all-reduced, clipped) gradients for the next. Gate noise is off (it is
-    drawn per rank) and every sample takes the edge loss (its mean is per rank). Parameters are compared to 2 lr:
-    Adam's first update is lr * sign(g), so a gradient that is 0 up to rounding may move either way."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, fsdp):
+    """Two gloo ranks with half the batch each (DDP, or FSDP2 with the model sharded over them) compute what one
+    process computes on the whole batch: the same parameters after a step and the same (averaged, clipped)
+    gradients for the next. Gate noise is off (it is drawn per rank) and every sample takes the edge loss (its
+    mean is per rank). Parameters are compared to 2 lr: Adam's first update is lr * sign(g), so a gradient that is
+    0 up to rounding may move either way. The checkpoint the two ranks wrote after the step resumes in one
+    process with exactly their parameters and gives their next gradients."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     lr = 1e-3
     model = {**SMALL_MODEL, "gate_noise": 0.0, "t_cutoff": 1000}
-    args = dict(out=str(tmp_path / "ddp"), steps=2, batch_size=4, lr=lr, warmup_steps=1, multiscale=False,
-                dataset_size=64, caption_dropout=0.0, model=model)
+    args = dict(out=str(tmp_path / "two"), steps=2, batch_size=4, lr=lr, warmup_steps=1, multiscale=False,
+                dataset_size=64, caption_dropout=0.0, model=model, fsdp=fsdp)
     ctx = mp.get_context("spawn")
-    port = 29500 + os.getpid() % 1000
+    port = 29500 + os.getpid() % 1000 + (500 if fsdp else 0)
     result_file = str(tmp_path / "rank0.safetensors")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, args, result_file)) for r in range(2)]
+    procs = [ctx.Process(target=_distributed_worker, args=(r, 2, port, args, result_file)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=300)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    ddp = load_file(result_file)
+    two = load_file(result_file)
+    assert (tmp_path / "two" / "samples" / "step-0000001.png").is_file()
     single = Trainer(TrainConfig(**{**args, "out": str(tmp_path / "single")}), device="cpu")
     single.train_step(0)
     single.compute_gradients(1)
+    resumed = Trainer.resume(str(tmp_path / "two"), device="cpu")
+    assert resumed.step == 1 and not resumed.sharded
+    assert len(resumed.optimizer.state) == len(list(resumed.unet.parameters()))
+    resumed.compute_gradients(1)
     moved = 0
     for key, value in _grads_and_params(single).items():
         if key.startswith("grad."):
             scale = value.abs().max().item() + 1e-12
-            torch.testing.assert_close(ddp[key], value, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(two[key], value, rtol=1e-3, atol=1e-4 * scale, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(_tensor(resumed, key), two[key], rtol=1e-3, atol=1e-4 * scale,
+                                       msg=lambda m: f"resumed {key}: {m}")
         else:
-            torch.testing.assert_close(ddp[key], value, rtol=0, atol=2.01 * lr, msg=lambda m: f"{key}: {m}")
-            moved += (ddp[key] - value).abs().gt(1e-6).sum().item()
+            torch.testing.assert_close(two[key], value, rtol=0, atol=2.01 * lr, msg=lambda m: f"{key}: {m}")
+            assert torch.equal(_tensor(resumed, key), two[key]), f"resumed {key} differs from the checkpoint"
+            moved += (two[key] - value).abs().gt(1e-6).sum().item()
     total = sum(p.numel() for p in single.unet.parameters())
     assert moved < 0.01 * total, f"{moved} of {total} parameters differ after one step"
+
+
+def _tensor(trainer, key):
+    """"param.<name>" or "grad.<name>" of a one-process trainer."""
+    kind, name = key.split(".", 1)
+    param = trainer.unet.get_parameter(name)
+    return (param if kind == "param" else param.grad).detach()
 
 
 def test_cli_train_sample_evaluate(tmp_path):

@@ -1,7 +1,8 @@
 """Command line: python -m raphael_ext {train, sample, evaluate, demo, ablation} (see --help of each).
 
     python -m raphael_ext train --preset tiny --data shapes --out runs/x --steps 2000
-    torchrun --nproc_per_node 2 -m raphael_ext train ...     # the same, data-parallel
+    torchrun --nproc_per_node 2 -m raphael_ext train ...     # the same, data-parallel (DDP)
+    torchrun --nproc_per_node 8 -m raphael_ext train --preset paper --fsdp ...   # sharded (FSDP2)
     python -m raphael_ext train --out runs/x --resume --steps 4000
     python -m raphael_ext sample --ckpt runs/x/unet_ema --prompt "a red circle above a blue square" --out img.png
     python -m raphael_ext evaluate --ckpt runs/x/unet_ema --out runs/x/eval
@@ -26,7 +27,7 @@ def _train(args) -> None:
         config = TrainConfig(preset=args.preset, data=args.data, out=args.out, steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-                             text_checkpoint=args.text_checkpoint,
+                             text_checkpoint=args.text_checkpoint, fsdp=args.fsdp,
                              model=json.loads(args.model))
         trainer = Trainer(config)
     trainer.train()
@@ -93,6 +94,8 @@ def main(argv=None) -> None:
     train.add_argument("--text-checkpoint", default=None, help="local OpenCLIP .safetensors for the text tower")
     train.add_argument("--model", default="{}", help='RaphaelConfig overrides as JSON, e.g. \'{"space_experts": 0}\'')
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the model, EMA and optimizer state over the ranks (FSDP2), not DDP")
     train.set_defaults(run=_train)
     for name, fn in (("sample", _sample), ("evaluate", _evaluate)):
         p = sub.add_parser(name)

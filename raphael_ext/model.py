@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .nn import MaskedCrossAttention, SpaceMoE, TimeMoE
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 @dataclass
 class RaphaelConfig:
@@ -55,6 +56,9 @@ class RaphaelConfig:
     edge_channels: int = 32
     t_cutoff: int = 500  # edge loss only for t <= T_c
     num_train_timesteps: int = 1000
+    # What the U-Net predicts (diffusers' names): "epsilon" (the paper, SD), "v_prediction" or "sample" (x0).
+    # Trainer and RaphaelPipeline both read it.
+    prediction_type: str = "epsilon"
     gradient_checkpointing: bool = False
     latent: bool = False  # True: x_t lives in a VAE's latent space (see RaphaelPipeline)
 
@@ -67,6 +71,9 @@ class RaphaelConfig:
             if c % self.head_dim or c % self.norm_groups:
                 raise ValueError(f"RaphaelConfig: width {c} must be a multiple of head_dim={self.head_dim} "
                                  f"and norm_groups={self.norm_groups}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"RaphaelConfig: prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {self.prediction_type!r}")
         if self.head_dim not in (32, 64, 128):
             raise ValueError(f"RaphaelConfig: head_dim must be 32, 64 or 128, got {self.head_dim}")
 
@@ -365,11 +372,13 @@ class RaphaelUNet(nn.Module):
         return out
 
     # --- diffusers-style persistence -----------------------------------------------------------------------
-    def save_pretrained(self, folder: Union[str, Path]) -> None:
-        """config.json + model.safetensors in `folder`, each written atomically."""
+    def save_pretrained(self, folder: Union[str, Path], state_dict: Optional[Dict[str, Tensor]] = None) -> None:
+        """config.json + model.safetensors in `folder`, each written atomically. `state_dict` (default: this
+        module's) is for a sharded model, whose full tensors are gathered by the caller."""
         folder = Path(folder)
         self.config.save(folder / "config.json")
-        atomic_save_safetensors(self.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
+        atomic_save_safetensors(self.state_dict() if state_dict is None else state_dict, folder / "model.safetensors",
+                                metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "RaphaelUNet":

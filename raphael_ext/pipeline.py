@@ -34,7 +34,7 @@ def default_scheduler(unet: RaphaelUNet):
         beta_schedule="scaled_linear" if latent else "linear",
         clip_sample=not latent,
         set_alpha_to_one=False,
-        prediction_type="epsilon",
+        prediction_type=unet.config.prediction_type,
     )
 
 
@@ -135,16 +135,16 @@ class RaphaelPipeline:
                 model_in = torch.cat([x, x]) if use_guidance else x
                 model_in = self.scheduler.scale_model_input(model_in, t)
                 out = self.unet(model_in, t.expand(model_in.shape[0]).to(device), states, lengths)
-                eps = out.sample
+                prediction = out.sample
                 if use_guidance:
-                    eps_null, eps_text = eps.chunk(2)
-                    eps = eps_null + guidance_scale * (eps_text - eps_null)
+                    null, text = prediction.chunk(2)
+                    prediction = null + guidance_scale * (text - null)
                 if paths is not None:
                     cond = slice(batch, None) if use_guidance else slice(None)
                     paths.record(t, [r[cond] if r is not None else None for r in out.space_routes],
                                  [r[cond] if r is not None else None for r in out.time_routes],
                                  [m[cond] for m in out.attn_maps], shape)
-                x = self.scheduler.step(eps, t, x).prev_sample
+                x = self.scheduler.step(prediction, t, x).prev_sample
         finally:
             self.unet.train(was_training)
         if config.latent:

@@ -1,10 +1,13 @@
 """Training RAPHAEL (SPEC §2.5): L = L_denoise + L_edge (only for t <= T_c) + an optional balance loss; AdamW with the
 paper's defaults and linear warm-up, EMA weights, caption dropout for classifier-free guidance, multi-scale
-buckets, gradient checkpointing, DDP through torchrun. Small and readable, in the spirit of DiT's train.py.
+buckets, gradient checkpointing, DDP through torchrun, or FSDP2 (`fully_shard`) for models that do not fit one device
+(TrainConfig.fsdp). Small and readable, in the spirit of DiT's train.py.
 
 Every random draw of a step (which items, their bucket, caption dropout, timesteps, noise, the gates' noise)
 comes from generators seeded by (seed, step, rank), so a run resumed from a checkpoint continues exactly:
-the checkpoint holds the model, the EMA, the optimiser, the learning-rate schedule and the step.
+the checkpoint holds the model, the EMA, the optimiser, the learning-rate schedule and the step. Checkpoints hold
+full (unsharded) tensors keyed by parameter name, so a run saved under FSDP resumes under DDP, on another number
+of ranks or in one process, and the other way round.
 """
 
 import copy
@@ -22,12 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .data import FolderDataset, ShapesDataset
 from .edges import sobel_edges
-from .model import RaphaelConfig, RaphaelUNet, atomic_save_safetensors, atomic_write_bytes
+from .model import (RaphaelConfig, RaphaelUNet, ResBlock, SpatialTransformer, atomic_save_safetensors,
+                    atomic_write_bytes)
 from .nn import EdgeFocalLoss
 from .text import OpenCLIPTextEncoder
 
@@ -62,6 +69,15 @@ class NoiseSchedule:
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def target(self, prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the U-Net is trained to output (diffusers' conventions, so its DDIMScheduler samples it)."""
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "sample":
+            return x0
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
+
 
 @dataclass
 class TrainConfig:
@@ -69,7 +85,8 @@ class TrainConfig:
     data: str = "shapes"  # "shapes" or a folder of images with same-name .txt captions
     out: str = "runs/train"
     steps: int = 1000
-    batch_size: int = 16  # global batch (split over DDP ranks)
+    batch_size: int = 16  # global batch (split over the ranks)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state and EMA (FSDP2) instead of DDP
     lr: float = 1e-4  # the paper's AdamW settings
     betas: Tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -115,7 +132,15 @@ class Trainer:
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
         self.text_encoder = OpenCLIPTextEncoder(self.model_config.text_encoder, checkpoint=config.text_checkpoint)
         self.text_encoder.to(self.device)
-        self.model = DistributedDataParallel(self.unet) if self.world > 1 else self.unet
+        # Without a process group there is nothing to shard over: fsdp=True then trains like one DDP rank.
+        self.sharded = config.fsdp and dist.is_initialized()
+        if self.sharded:
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            shard_unet(self.unet, mesh)
+            shard_unet(self.ema, mesh)  # sharded like the model, so the EMA update stays local to each rank
+            self.model = self.unet
+        else:
+            self.model = DistributedDataParallel(self.unet) if self.world > 1 else self.unet
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         warmup = max(1, config.warmup_steps)
@@ -160,7 +185,7 @@ class Trainer:
         return losses
 
     def compute_gradients(self, step: int) -> Dict[str, float]:
-        """Forward and backward of `step`'s batch (gradients all-reduced under DDP, then clipped); no update."""
+        """Forward and backward of `step`'s batch (gradients averaged over the ranks, then clipped); no update."""
         self.unet.train()
         batch = self.batch(step)
         x0 = batch["images"].to(self.device)
@@ -174,7 +199,8 @@ class Trainer:
         states, lengths = self.text_encoder.encode(batch["captions"], device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.model(self.schedule.add_noise(x0, noise, t), t, states, lengths)
-        losses = {"denoise": F.mse_loss(out.sample.float(), noise)}
+        target = self.schedule.target(self.model_config.prediction_type, x0, noise, t)
+        losses = {"denoise": F.mse_loss(out.sample.float(), target)}
         if out.edge_logits is not None:
             edges = F.adaptive_max_pool2d(batch["edges"].to(self.device), out.edge_logits.shape[-2:])
             losses["edge"] = self.config.edge_weight * self.edge_loss(out.edge_logits.float(), edges, t)
@@ -206,13 +232,14 @@ class Trainer:
                 self._log(record)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
                 self.save_checkpoint()
-            if config.sample_every and self.step % config.sample_every == 0 and self.rank == 0:
+            if config.sample_every and self.step % config.sample_every == 0 and (self.rank == 0 or self.sharded):
                 self.save_samples()
         self.save_checkpoint()
         return self.history
 
     def save_samples(self, count: int = 8, steps: int = 25) -> Path:
-        """A grid of EMA samples for held-out shapes prompts: out/samples/step-XXXXXXX.png."""
+        """A grid of EMA samples for held-out shapes prompts: out/samples/step-XXXXXXX.png. Under FSDP every rank
+        runs it (the EMA's forward gathers its shards); rank 0 writes."""
         from .evaluate import HELD_OUT_SEED, grid
         from .pipeline import RaphaelPipeline
 
@@ -221,8 +248,9 @@ class Trainer:
         images = RaphaelPipeline(self.ema, self.text_encoder)(captions, num_inference_steps=steps, seed=0,
                                                               progress=False).images
         path = self.out / "samples" / f"step-{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid(images, captions).save(path)
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid(images, captions).save(path)
         return path
 
     def _log(self, record: Dict[str, float]) -> None:
@@ -244,9 +272,17 @@ class Trainer:
             self._tensorboard.add_scalar("train/lr", self.lr_schedule.get_last_lr()[0], record["step"])
 
     # --- checkpoints ------------------------------------------------------------------------------------------
+    def _full_options(self, **kwargs) -> Optional[StateDictOptions]:
+        return StateDictOptions(full_state_dict=True, **kwargs) if self.sharded else None
+
     def save_checkpoint(self) -> Path:
         """out/checkpoints/step-XXXXXXX/ with model, ema and optimizer safetensors + state.json, written into a
-        temporary folder and renamed into place, then `latest` is updated; older ones beyond keep_last go."""
+        temporary folder and renamed into place, then `latest` is updated; older ones beyond keep_last go.
+        Under FSDP every rank calls it: the shards are gathered to rank 0 (on CPU), which writes."""
+        options = self._full_options(cpu_offload=True)
+        model = get_model_state_dict(self.unet, options=options)
+        ema = get_model_state_dict(self.ema, options=options)
+        optimizer = get_optimizer_state_dict(self.unet, self.optimizer, options=options)
         if self.rank != 0:
             return self.out
         root = self.out / "checkpoints"
@@ -254,9 +290,9 @@ class Trainer:
         final = root / f"step-{self.step:07d}"
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         try:
-            atomic_save_safetensors(self.unet.state_dict(), tmp / "model.safetensors")
-            atomic_save_safetensors(self.ema.state_dict(), tmp / "ema.safetensors")
-            tensors, groups = _flatten_optimizer(self.optimizer.state_dict())
+            atomic_save_safetensors(model, tmp / "model.safetensors")
+            atomic_save_safetensors(ema, tmp / "ema.safetensors")
+            tensors, groups = _flatten_optimizer(optimizer)
             atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
             state = {"step": self.step, "train_config": dataclasses.asdict(self.config),
                      "model_config": self.model_config.to_dict(), "param_groups": groups,
@@ -271,8 +307,8 @@ class Trainer:
         atomic_write_bytes(root / "latest", final.name.encode())
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.config.keep_last]:
             shutil.rmtree(old)
-        self.unet.save_pretrained(self.out / "unet")
-        self.ema.save_pretrained(self.out / "unet_ema")
+        self.unet.save_pretrained(self.out / "unet", state_dict=model)
+        self.ema.save_pretrained(self.out / "unet_ema", state_dict=ema)
         return final
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -283,13 +319,30 @@ class Trainer:
             raise FileNotFoundError(f"Trainer: checkpoint {folder} is incomplete (missing {missing})")
         try:
             state = json.loads((folder / "state.json").read_text())
-            self.unet.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
-            self.ema.load_state_dict(load_file(str(folder / "ema.safetensors"), device=str(self.device)))
-            tensors = load_file(str(folder / "optimizer.safetensors"), device=str(self.device))
-            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+            # Under FSDP only rank 0 reads the tensors; set_*_state_dict broadcast and shard them.
+            device = "cpu" if self.sharded else str(self.device)
+            reads = not self.sharded or self.rank == 0
+            model = load_file(str(folder / "model.safetensors"), device=device) if reads else {}
+            ema = load_file(str(folder / "ema.safetensors"), device=device) if reads else {}
+            tensors = load_file(str(folder / "optimizer.safetensors"), device=device) if reads else {}
+            optimizer = _unflatten_optimizer(tensors, state["param_groups"]) if reads else {}
+            error = None
+        except Exception as caught:  # safetensors and JSON each raise their own kind
+            error = caught
+        if self.sharded:  # every rank learns whether rank 0 could read it, so none waits in a broadcast
+            errors = [error]
+            dist.broadcast_object_list(errors, src=0)
+            error = error or errors[0]
+        try:
+            if error is not None:
+                raise error
+            options = self._full_options(broadcast_from_rank0=True)
+            set_model_state_dict(self.unet, model, options=options)
+            set_model_state_dict(self.ema, ema, options=options)
+            set_optimizer_state_dict(self.unet, self.optimizer, optimizer, options=options)
             self.lr_schedule.load_state_dict(state["lr_schedule"])
-        except Exception as error:  # safetensors, JSON and load_state_dict each raise their own kind
-            raise RuntimeError(f"Trainer: checkpoint {folder} is corrupt or from another model: {error}") from error
+        except Exception as caught:
+            raise RuntimeError(f"Trainer: checkpoint {folder} is corrupt or from another model: {caught}") from caught
         self.step = int(state["step"])
 
     @classmethod
@@ -316,19 +369,32 @@ class Trainer:
         return trainer
 
 
+def shard_unet(unet: RaphaelUNet, mesh) -> None:
+    """FSDP2: each ResBlock and each transformer block is one unit, gathered just before it runs and freed after
+    (its gradient checkpointing recomputes inside the gathered unit); the stem, the head and the edge predictor
+    form the root unit. Parameters stay float32 (the expert ops take one dtype for activations and weights;
+    bf16 autocast, as under DDP, does the mixed precision)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(unet, mesh=mesh)
+
+
 def _flatten_optimizer(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], list]:
+    """The optimizer's state keyed "<parameter name>.<state name>" (e.g. "conv_in.weight.exp_avg"), and its groups."""
     tensors = {}
-    for index, values in state_dict["state"].items():
+    for param, values in state_dict["state"].items():
         for name, value in values.items():
-            tensors[f"{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"{param}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return tensors, state_dict["param_groups"]
 
 
 def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], groups: list) -> dict:
-    state: Dict[int, Dict[str, torch.Tensor]] = {}
+    state: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+        param, name = key.rsplit(".", 1)
+        state.setdefault(param, {})[name] = value.cpu() if name == "step" else value
     return {"state": state, "param_groups": groups}
 
 
@@ -340,4 +406,4 @@ def setup_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-__all__ = ["TrainConfig", "Trainer", "NoiseSchedule", "buckets", "PAPER_BUCKETS", "setup_distributed"]
+__all__ = ["TrainConfig", "Trainer", "NoiseSchedule", "buckets", "PAPER_BUCKETS", "setup_distributed", "shard_unet"]
