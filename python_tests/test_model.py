@@ -155,6 +155,8 @@ def test_config_rejects_bad_fields():
         RaphaelConfig(channels=(96,), attention_levels=(True,), head_dim=48, norm_groups=16)
     with pytest.raises(ValueError, match="unknown preset"):
         RaphaelConfig.preset("huge")
+    with pytest.raises(ValueError, match="prediction_type"):
+        RaphaelConfig(prediction_type="noise")
 
 
 # --- text encoder ---------------------------------------------------------------------------------------------
@@ -246,6 +248,14 @@ def test_pipeline_makes_images_and_paths(tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, again.images))
     with pytest.raises(ValueError, match="multiples of 2"):
         pipe("x", height=31, width=32, num_inference_steps=1, progress=False)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_pipeline_samples_what_the_model_predicts(prediction_type):
+    from raphael_ext.pipeline import default_scheduler
+
+    unet = RaphaelUNet(tiny(prediction_type=prediction_type))
+    assert default_scheduler(unet).config.prediction_type == prediction_type
 
 
 def test_pipeline_latent_mode_with_a_local_vae(tmp_path):

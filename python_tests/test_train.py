@@ -24,10 +24,29 @@ def config(tmp_path, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def test_steps_on_a_fixed_batch_lower_its_loss(tmp_path):
-    trainer = Trainer(config(tmp_path, caption_dropout=0.0), device="cpu")
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_steps_on_a_fixed_batch_lower_its_loss(tmp_path, prediction_type):
+    trainer = Trainer(config(tmp_path, caption_dropout=0.0, model={**SMALL_MODEL, "prediction_type": prediction_type}),
+                      device="cpu")
     losses = [trainer.train_step(0)["loss"] for _ in range(8)]  # step 0's batch, timesteps and noise every time
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_targets_follow_diffusers(prediction_type):
+    """The training target is what diffusers' schedulers take back: noise, x0, or DDPMScheduler.get_velocity."""
+    from diffusers import DDPMScheduler
+
+    from raphael_ext.model import RaphaelConfig
+    from raphael_ext.train import NoiseSchedule
+
+    schedule = NoiseSchedule(RaphaelConfig(prediction_type=prediction_type))
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(schedule.add_noise(x0, noise, t), reference.add_noise(x0, noise, t))
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": reference.get_velocity(x0, noise, t)}[prediction_type]
+    torch.testing.assert_close(schedule.target(prediction_type, x0, noise, t), expected)
 
 
 def test_edge_loss_only_for_small_timesteps(tmp_path):
