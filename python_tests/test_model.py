@@ -275,3 +275,6 @@ def test_pipeline_latent_mode_with_a_local_vae(tmp_path):
     pipe = RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"), vae=vae)
     images = pipe("a yellow star", num_inference_steps=2, progress=False).images
     assert images[0].size == (64, 64)
+    vae.save_pretrained(tmp_path / "pickled_vae", safe_serialization=False)
+    with pytest.raises(Exception, match="safetensors"):  # a pickled checkpoint is refused, not loaded
+        RaphaelPipeline.load_vae(tmp_path / "pickled_vae")

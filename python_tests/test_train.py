@@ -49,6 +49,52 @@ def test_targets_follow_diffusers(prediction_type):
     torch.testing.assert_close(schedule.target(prediction_type, x0, noise, t), expected)
 
 
+def test_latent_presets_train_through_a_local_vae(tmp_path):
+    """Latent diffusion: images are encoded by a local AutoencoderKL (here a small random one, stride 2), the
+    loss on a fixed batch falls, and the sample grid decodes through the same VAE."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                  layers_per_block=1).save_pretrained(tmp_path / "vae")
+    latent = {**SMALL_MODEL, "in_channels": 4, "out_channels": 4, "sample_size": 8, "latent": True}
+    with pytest.raises(ValueError, match="AutoencoderKL folder"):
+        Trainer(config(tmp_path, model=latent), device="cpu")
+    with pytest.raises(ValueError, match="latent channels"):
+        Trainer(config(tmp_path, model={**latent, "in_channels": 3}, vae=str(tmp_path / "vae")), device="cpu")
+    trainer = Trainer(config(tmp_path, model=latent, vae=str(tmp_path / "vae"), caption_dropout=0.0), device="cpu")
+    assert trainer.vae_stride == 2 and trainer.batch(0)["images"].shape[-1] == 16
+    g = torch.Generator().manual_seed(0)
+    assert trainer.encode(trainer.batch(0)["images"], g).shape == (4, 4, 8, 8)
+    losses = [trainer.train_step(0)["loss"] for _ in range(8)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    from PIL import Image
+
+    assert Image.open(trainer.save_samples(count=2, steps=2)).size == (4 * 16 * 4, 16 * 4 + 28)  # one row of 4 cells
+
+
+def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch):
+    """With torch.utils.tensorboard importable (here a recording stand-in) every logged record becomes scalars."""
+    import types
+
+    written = []
+
+    class RecordingWriter:
+        def __init__(self, logdir):
+            written.append(("logdir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    trainer = Trainer(config(tmp_path, steps=2), device="cpu")
+    trainer.train()
+    assert written[0] == ("logdir", str(tmp_path / "run" / "tensorboard"))
+    assert {("train/loss", 1), ("train/denoise", 2), ("train/lr", 2)} <= set(written[1:])
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+
+
 def test_edge_loss_only_for_small_timesteps(tmp_path):
     never = Trainer(config(tmp_path, model={**SMALL_MODEL, "t_cutoff": -1}), device="cpu")
     assert all(never.train_step(s)["edge"] == 0.0 for s in range(3))

@@ -27,24 +27,26 @@ def _train(args) -> None:
         config = TrainConfig(preset=args.preset, data=args.data, out=args.out, steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-                             text_checkpoint=args.text_checkpoint, fsdp=args.fsdp,
+                             text_checkpoint=args.text_checkpoint, vae=args.vae, fsdp=args.fsdp,
                              model=json.loads(args.model))
         trainer = Trainer(config)
     trainer.train()
 
 
-def _pipeline(ckpt: str, text_checkpoint=None):
+def _pipeline(args):
     from .model import RaphaelUNet
     from .pipeline import RaphaelPipeline
     from .text import OpenCLIPTextEncoder
 
-    unet = RaphaelUNet.from_pretrained(ckpt, device="cuda" if torch.cuda.is_available() else "cpu").eval()
-    encoder = OpenCLIPTextEncoder(unet.config.text_encoder, checkpoint=text_checkpoint).to(next(unet.parameters()).device)
-    return RaphaelPipeline(unet, encoder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = RaphaelUNet.from_pretrained(args.ckpt, device=device).eval()
+    encoder = OpenCLIPTextEncoder(unet.config.text_encoder, checkpoint=args.text_checkpoint).to(device)
+    vae = RaphaelPipeline.load_vae(args.vae, device=device) if args.vae else None
+    return RaphaelPipeline(unet, encoder, vae=vae)
 
 
 def _sample(args) -> None:
-    pipe = _pipeline(args.ckpt, args.text_checkpoint)
+    pipe = _pipeline(args)
     result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +57,7 @@ def _sample(args) -> None:
 def _evaluate(args) -> None:
     from .evaluate import evaluate
 
-    metrics = evaluate(_pipeline(args.ckpt, args.text_checkpoint), Path(args.out), count=args.count,
+    metrics = evaluate(_pipeline(args), Path(args.out), count=args.count,
                        steps=args.steps, guidance_scale=args.guidance)
     print(json.dumps(metrics, indent=1))
 
@@ -92,6 +94,7 @@ def main(argv=None) -> None:
     train.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0: never)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--text-checkpoint", default=None, help="local OpenCLIP .safetensors for the text tower")
+    train.add_argument("--vae", default=None, help="latent presets: a local diffusers AutoencoderKL folder")
     train.add_argument("--model", default="{}", help='RaphaelConfig overrides as JSON, e.g. \'{"space_experts": 0}\'')
     train.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
     train.add_argument("--fsdp", action="store_true",
@@ -104,6 +107,7 @@ def main(argv=None) -> None:
         p.add_argument("--steps", type=int, default=50)
         p.add_argument("--guidance", type=float, default=4.5)
         p.add_argument("--text-checkpoint", default=None)
+        p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder")
         if name == "sample":
             p.add_argument("--prompt", action="append", required=True)
             p.add_argument("--seed", type=int, default=0)

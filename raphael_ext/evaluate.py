@@ -40,7 +40,7 @@ def grid(images: List[Image.Image], captions: List[str], columns: int = 4, scale
 def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50, guidance_scale: float = 4.5,
              batch: int = 16) -> Dict[str, float]:
     """Generates `count` held-out prompts, scores them with the judge, writes samples.png and eval.json."""
-    size = pipe.unet.config.sample_size
+    size = pipe.unet.config.sample_size * pipe.vae_stride
     held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
     scenes = [held_out.scene(i) for i in range(count)]
     captions = [held_out[i]["caption"] for i in range(count)]

@@ -267,9 +267,9 @@ class EdgeHead(nn.Module):
 
 @dataclass
 class RaphaelOutput:
-    """forward()'s result: the noise prediction and everything RAPHAEL's losses and plots need."""
+    """forward()'s result: the prediction and everything RAPHAEL's losses and plots need."""
 
-    sample: Tensor  # predicted noise eps, like x_t
+    sample: Tensor  # like x_t: the noise, v or x0 (config.prediction_type)
     space_routes: List[Optional[Tensor]] = field(default_factory=list)  # per block: [B, N_y]
     time_routes: List[Optional[Tensor]] = field(default_factory=list)  # per block: [B]
     attn_maps: List[Tensor] = field(default_factory=list)  # per block: [B, h*w, N_y] head-mean cross-attention map

@@ -81,10 +81,13 @@ class RaphaelPipeline:
 
     @staticmethod
     def load_vae(folder: Union[str, Path], device="cpu", dtype=torch.float32):
-        """A diffusers AutoencoderKL from a local folder (config.json + weights); nothing is downloaded."""
+        """A diffusers AutoencoderKL from a local folder (config.json + safetensors weights); nothing is downloaded
+        and no pickle is read."""
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(str(folder), local_files_only=True).to(device, dtype).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, torch_dtype=dtype,
+                                            low_cpu_mem_usage=False)
+        return vae.to(device).eval().requires_grad_(False)
 
     @property
     def vae_stride(self) -> int:

@@ -104,6 +104,7 @@ class TrainConfig:
     keep_last: int = 3
     dataset_size: int = 100_000
     text_checkpoint: Optional[str] = None
+    vae: Optional[str] = None  # latent presets: a local diffusers AutoencoderKL folder (safetensors) that encodes the images
     model: Dict[str, object] = field(default_factory=dict)  # RaphaelConfig overrides
 
     def model_config(self) -> RaphaelConfig:
@@ -147,20 +148,42 @@ class Trainer:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.schedule = NoiseSchedule(self.model_config)
         self.edge_loss = EdgeFocalLoss(t_cutoff=self.model_config.t_cutoff)
-        size = self.model_config.sample_size * (8 if self.model_config.latent else 1)
+        self.vae = self._load_vae() if self.model_config.latent else None
+        self.vae_stride = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        size = self.model_config.sample_size * self.vae_stride  # in pixels
         if config.data == "shapes":
             self.dataset = ShapesDataset(config.dataset_size, size, seed=config.seed)
         else:
             self.dataset = FolderDataset(config.data, size)
-        multiple = 2 ** (len(self.model_config.channels) - 1) * (8 if self.model_config.latent else 1)
+        multiple = 2 ** (len(self.model_config.channels) - 1) * self.vae_stride
         self.buckets = buckets(size, multiple) if config.multiscale else [(size, size)]
-        if self.model_config.latent:
-            raise NotImplementedError("Trainer: latent-space training needs a VAE encoder; train a pixel preset "
-                                      "(tiny) or encode the dataset first")
         self.step = 0
         self.out = Path(config.out)
         self.history: List[Dict[str, float]] = []
         self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
+
+    def _load_vae(self):
+        from .pipeline import RaphaelPipeline
+
+        if self.config.vae is None:
+            raise ValueError(f"Trainer: preset {self.config.preset!r} diffuses in a VAE's latent space; pass vae=<a "
+                             "local diffusers AutoencoderKL folder> (--vae), e.g. Stable Diffusion's vae/ folder")
+        vae = RaphaelPipeline.load_vae(self.config.vae, device=self.device)
+        if vae.config.latent_channels != self.model_config.in_channels:
+            raise ValueError(f"Trainer: the VAE has {vae.config.latent_channels} latent channels, the model takes "
+                             f"{self.model_config.in_channels}")
+        return vae
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels in [-1, 1] -> what the U-Net diffuses: the pixels themselves, or a scaled VAE latent sample
+        (its noise drawn from `generator` for the global batch, like every draw of a step)."""
+        if self.vae is None:
+            return images
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        noise = torch.randn((self.config.batch_size, *posterior.mean.shape[1:]), generator=generator)
+        noise = noise[self.rank :: self.world].to(posterior.mean)
+        return ((posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor).float()
 
     # --- data ------------------------------------------------------------------------------------------------
     def batch(self, step: int) -> Dict[str, object]:
@@ -188,10 +211,10 @@ class Trainer:
         """Forward and backward of `step`'s batch (gradients averaged over the ranks, then clipped); no update."""
         self.unet.train()
         batch = self.batch(step)
-        x0 = batch["images"].to(self.device)
         # Timesteps and noise are drawn for the global batch and sliced, so N ranks see what one process would.
         g = torch.Generator().manual_seed(_seed(self.config.seed, step, 1))
         share = slice(self.rank, None, self.world)
+        x0 = self.encode(batch["images"].to(self.device), g)
         t = torch.randint(0, self.model_config.num_train_timesteps, (self.config.batch_size,), generator=g)
         noise = torch.randn((self.config.batch_size, *x0.shape[1:]), generator=g)
         t, noise = t[share].to(self.device), noise[share].to(self.device)
@@ -243,10 +266,10 @@ class Trainer:
         from .evaluate import HELD_OUT_SEED, grid
         from .pipeline import RaphaelPipeline
 
-        held_out = ShapesDataset(count, self.model_config.sample_size, seed=HELD_OUT_SEED)
+        held_out = ShapesDataset(count, self.model_config.sample_size * self.vae_stride, seed=HELD_OUT_SEED)
         captions = [held_out[i]["caption"] for i in range(count)]
-        images = RaphaelPipeline(self.ema, self.text_encoder)(captions, num_inference_steps=steps, seed=0,
-                                                              progress=False).images
+        pipe = RaphaelPipeline(self.ema, self.text_encoder, vae=self.vae)
+        images = pipe(captions, num_inference_steps=steps, seed=0, progress=False).images
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
