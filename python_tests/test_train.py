@@ -164,6 +164,10 @@ def _distributed_worker(rank, world, port, args, result_file):
         trainer.compute_gradients(1)
         result = _grads_and_params(trainer)  # under FSDP a collective too
         trainer.save_samples(count=2, steps=2)  # the EMA's forward: under FSDP every rank takes part
+        again = Trainer.resume(args["out"], device="cpu")  # under FSDP: rank 0 reads, broadcasts, every rank shards
+        again.compute_gradients(1)
+        for key, value in _grads_and_params(again).items():
+            assert torch.equal(value, result[key]) if key.startswith("param.") else torch.allclose(value, result[key])
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -192,8 +196,8 @@ def test_two_processes_match_one_process(tmp_path, fsdp):
     process computes on the whole batch: the same parameters after a step and the same (averaged, clipped)
     gradients for the next. Gate noise is off (it is drawn per rank) and every sample takes the edge loss (its
     mean is per rank). Parameters are compared to 2 lr: Adam's first update is lr * sign(g), so a gradient that is
-    0 up to rounding may move either way. The checkpoint the two ranks wrote after the step resumes in one
-    process with exactly their parameters and gives their next gradients."""
+    0 up to rounding may move either way. The checkpoint the two ranks wrote after the step resumes on the two
+    ranks again and in one process, each time with exactly their parameters and their next gradients."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
