@@ -52,11 +52,11 @@ bench: install
 
 ## demo: train the tiny preset on shapes (2 CPU cores, < 10 min); samples, paths, attention, metrics in runs/demo
 demo: install
-	$(PY) -P -m raphael_ext demo --out runs/demo --steps $(or $(STEPS),300)
+	$(PY) -P -m raphael_ext demo --out runs/demo $(if $(STEPS),--steps $(STEPS))
 
 ## ablation: the demo's budget with and without space-MoE, alignment scores side by side (runs/ablation)
 ablation: install
-	$(PY) -P -m raphael_ext ablation --out runs/ablation --steps $(or $(STEPS),300)
+	$(PY) -P -m raphael_ext ablation --out runs/ablation $(if $(STEPS),--steps $(STEPS))
 
 info: install
 	$(PY) -P -m raphael_ext.info

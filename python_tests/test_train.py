@@ -263,4 +263,5 @@ def test_cli_train_sample_evaluate(tmp_path):
                                    "--out", str(tmp_path / "eval")], check=True, env=env, capture_output=True, text=True)
     metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert 0.0 <= metrics["alignment"] <= 1.0 and metrics["judge_accuracy_on_renders"] >= 0.95
+    assert 0.0 <= metrics["chance_alignment"] < 0.5
     assert (tmp_path / "eval" / "samples.png").is_file() and "alignment" in result.stdout

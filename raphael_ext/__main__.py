@@ -63,17 +63,25 @@ def _evaluate(args) -> None:
 
 
 def _demo(args) -> None:
-    from .evaluate import demo
+    from .evaluate import DEMO_STEPS, demo
 
-    print(json.dumps(demo(Path(args.out), steps=args.steps, use_space_moe=not args.no_space_moe), indent=1))
+    print(json.dumps(demo(Path(args.out), steps=args.steps or DEMO_STEPS, use_space_moe=not args.no_space_moe),
+                     indent=1))
 
 
 def _ablation(args) -> None:
-    from .evaluate import demo
+    from .evaluate import DEMO_STEPS, demo
 
-    with_moe = demo(Path(args.out) / "space_moe", steps=args.steps, use_space_moe=True)
-    without = demo(Path(args.out) / "no_space_moe", steps=args.steps, use_space_moe=False)
-    report = {"with_space_moe": with_moe["alignment"], "without_space_moe": without["alignment"], "steps": args.steps}
+    steps = args.steps or DEMO_STEPS
+    with_moe = demo(Path(args.out) / "space_moe", steps=steps, use_space_moe=True)
+    without = demo(Path(args.out) / "no_space_moe", steps=steps, use_space_moe=False)
+    runs = {"with_space_moe": with_moe, "without_space_moe": without}
+    report = {"steps": steps, **{name: run["alignment"] for name, run in runs.items()},
+              "alignment_stderr": {name: run["alignment_stderr"] for name, run in runs.items()},
+              "chance_alignment": with_moe["chance_alignment"],
+              "train_seconds": {name: run["train_seconds"] for name, run in runs.items()},
+              "final_loss": {name: round(sum(run["loss_curve"][-20:]) / len(run["loss_curve"][-20:]), 4)
+                             for name, run in runs.items()}}
     (Path(args.out) / "ablation.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
@@ -117,7 +125,7 @@ def main(argv=None) -> None:
     for name, fn in (("demo", _demo), ("ablation", _ablation)):
         p = sub.add_parser(name, help="train the tiny preset on shapes and evaluate it (CPU, minutes)")
         p.add_argument("--out", default=f"runs/{name}")
-        p.add_argument("--steps", type=int, default=300)
+        p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
         if name == "demo":
             p.add_argument("--no-space-moe", action="store_true")
         p.set_defaults(run=fn)
