@@ -38,6 +38,11 @@ def default_scheduler(unet: RaphaelUNet):
     )
 
 
+def vae_stride(vae) -> int:
+    """Pixels per latent: 2 ** (number of VAE resolution levels - 1) (8 for Stable Diffusion's VAE); 1 without one."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @dataclass
 class DiffusionPaths:
     """Routes recorded while sampling (conditional branch only)."""
@@ -91,10 +96,7 @@ class RaphaelPipeline:
 
     @property
     def vae_stride(self) -> int:
-        """Pixels per latent: 2 ** (number of VAE resolution levels - 1) (8 for Stable Diffusion's VAE)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_stride(self.vae)
 
     @property
     def device(self) -> torch.device:
@@ -161,4 +163,4 @@ def to_pil(images: Tensor) -> List[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
 
-__all__ = ["RaphaelPipeline", "PipelineOutput", "DiffusionPaths", "default_scheduler", "to_pil"]
+__all__ = ["RaphaelPipeline", "PipelineOutput", "DiffusionPaths", "default_scheduler", "to_pil", "vae_stride"]

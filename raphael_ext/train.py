@@ -36,6 +36,7 @@ from .edges import sobel_edges
 from .model import (RaphaelConfig, RaphaelUNet, ResBlock, SpatialTransformer, atomic_save_safetensors,
                     atomic_write_bytes)
 from .nn import EdgeFocalLoss
+from .pipeline import RaphaelPipeline, vae_stride
 from .text import OpenCLIPTextEncoder
 
 # The paper's 9 training buckets (height, width) in pixels.
@@ -149,7 +150,7 @@ class Trainer:
         self.schedule = NoiseSchedule(self.model_config)
         self.edge_loss = EdgeFocalLoss(t_cutoff=self.model_config.t_cutoff)
         self.vae = self._load_vae() if self.model_config.latent else None
-        self.vae_stride = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.vae_stride = vae_stride(self.vae)
         size = self.model_config.sample_size * self.vae_stride  # in pixels
         if config.data == "shapes":
             self.dataset = ShapesDataset(config.dataset_size, size, seed=config.seed)
@@ -163,8 +164,6 @@ class Trainer:
         self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
 
     def _load_vae(self):
-        from .pipeline import RaphaelPipeline
-
         if self.config.vae is None:
             raise ValueError(f"Trainer: preset {self.config.preset!r} diffuses in a VAE's latent space; pass vae=<a "
                              "local diffusers AutoencoderKL folder> (--vae), e.g. Stable Diffusion's vae/ folder")
@@ -264,7 +263,6 @@ class Trainer:
         """A grid of EMA samples for held-out shapes prompts: out/samples/step-XXXXXXX.png. Under FSDP every rank
         runs it (the EMA's forward gathers its shards); rank 0 writes."""
         from .evaluate import HELD_OUT_SEED, grid
-        from .pipeline import RaphaelPipeline
 
         held_out = ShapesDataset(count, self.model_config.sample_size * self.vae_stride, seed=HELD_OUT_SEED)
         captions = [held_out[i]["caption"] for i in range(count)]
