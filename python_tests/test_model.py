@@ -252,10 +252,12 @@ def test_pipeline_makes_images_and_paths(tmp_path):
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_pipeline_samples_what_the_model_predicts(prediction_type):
-    from raphael_ext.pipeline import default_scheduler
+    from raphael_ext.pipeline import RaphaelPipeline, default_scheduler
 
     unet = RaphaelUNet(tiny(prediction_type=prediction_type))
     assert default_scheduler(unet).config.prediction_type == prediction_type
+    with pytest.raises(ValueError, match="scheduler expects 'epsilon'"):
+        RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"), scheduler=default_scheduler(RaphaelUNet(tiny())))
 
 
 def test_pipeline_latent_mode_with_a_local_vae(tmp_path):

@@ -61,6 +61,8 @@ def test_latent_presets_train_through_a_local_vae(tmp_path):
     latent = {**SMALL_MODEL, "in_channels": 4, "out_channels": 4, "sample_size": 8, "latent": True}
     with pytest.raises(ValueError, match="AutoencoderKL folder"):
         Trainer(config(tmp_path, model=latent), device="cpu")
+    with pytest.raises(ValueError, match="takes no vae"):
+        Trainer(config(tmp_path, vae=str(tmp_path / "vae")), device="cpu")
     with pytest.raises(ValueError, match="latent channels"):
         Trainer(config(tmp_path, model={**latent, "in_channels": 3}, vae=str(tmp_path / "vae")), device="cpu")
     trainer = Trainer(config(tmp_path, model=latent, vae=str(tmp_path / "vae"), caption_dropout=0.0), device="cpu")
@@ -130,6 +132,11 @@ def test_bad_checkpoints_give_clear_errors_and_keep_the_last_good_one(tmp_path):
         Trainer.resume(str(tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer.resume(str(tmp_path / "nothing"))
+    other = Trainer(config(tmp_path, out=str(tmp_path / "other"), steps=1,
+                           model={**SMALL_MODEL, "space_experts": 2}), device="cpu")
+    other.train()
+    with pytest.raises(RuntimeError, match="do not match this model"):
+        trainer.load_checkpoint(tmp_path / "other" / "checkpoints" / "step-0000001")
     # A save that fails half-way leaves the previous checkpoint and `latest` untouched.
     before = (root / "latest").read_text()
     trainer.step = 3
@@ -168,6 +175,16 @@ def _distributed_worker(rank, world, port, args, result_file):
         again.compute_gradients(1)
         for key, value in _grads_and_params(again).items():
             assert torch.equal(value, result[key]) if key.startswith("param.") else torch.allclose(value, result[key])
+        trainer.train_step(1)  # the EMA update after sampling (FSDP: every EMA unit is resharded again)
+        # A checkpoint only rank 0 can tell is corrupt is an error on every rank, not a hang.
+        bad = os.path.join(args["out"], "bad")
+        if rank == 0:
+            shutil.copytree(os.path.join(args["out"], "checkpoints", "step-0000001"), bad)
+            with open(os.path.join(bad, "optimizer.safetensors"), "wb") as f:
+                f.write(b"not a safetensors file")
+        torch.distributed.barrier()
+        with pytest.raises(RuntimeError, match="corrupt"):
+            trainer.load_checkpoint(bad)
         if rank == 0:
             from safetensors.torch import save_file
 
@@ -181,7 +198,7 @@ def _grads_and_params(trainer):
     from torch.distributed.tensor import DTensor
 
     def full(t):
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().contiguous()
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()  # a copy: training goes on
 
     out = {}
     for name, p in trainer.unet.named_parameters():

@@ -2,7 +2,7 @@
 
     python -m raphael_ext train --preset tiny --data shapes --out runs/x --steps 2000
     torchrun --nproc_per_node 2 -m raphael_ext train ...     # the same, data-parallel (DDP)
-    torchrun --nproc_per_node 8 -m raphael_ext train --preset paper --fsdp ...   # sharded (FSDP2)
+    torchrun --nproc_per_node 8 -m raphael_ext train --preset paper --vae sd/vae --fsdp ...   # latent, sharded
     python -m raphael_ext train --out runs/x --resume --steps 4000
     python -m raphael_ext sample --ckpt runs/x/unet_ema --prompt "a red circle above a blue square" --out img.png
     python -m raphael_ext evaluate --ckpt runs/x/unet_ema --out runs/x/eval
@@ -22,7 +22,9 @@ def _train(args) -> None:
 
     setup_distributed()
     if args.resume:
-        trainer = Trainer.resume(args.out, steps=args.steps)
+        # The run's own settings, except how it is spread over the ranks (--fsdp or not) and where its VAE is.
+        trainer = Trainer.resume(args.out, steps=args.steps, fsdp=args.fsdp,
+                                 **({"vae": args.vae} if args.vae else {}))
     else:
         config = TrainConfig(preset=args.preset, data=args.data, out=args.out, steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,

@@ -41,6 +41,8 @@ def grid(images: List[Image.Image], captions: List[str], columns: int = 4, scale
 def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50, guidance_scale: float = 4.5,
              batch: int = 16) -> Dict[str, float]:
     """Generates `count` held-out prompts, scores them with the judge, writes samples.png and eval.json."""
+    if count < 2:
+        raise ValueError(f"evaluate: count must be >= 2 (a chance level and a standard error need two), got {count}")
     size = pipe.unet.config.sample_size * pipe.vae_stride
     held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
     scenes = [held_out.scene(i) for i in range(count)]
@@ -54,7 +56,7 @@ def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50,
     # the prompt would; a model aligns with the text only as far as it scores above this.
     mismatched = [judge_image(held_out[(i + 1) % count]["image"], scenes[i])["score"] for i in range(count)]
     metrics = {"alignment": float(np.mean(scores)),
-               "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(count)) if count > 1 else float("nan"),
+               "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(count)),
                "chance_alignment": float(np.mean(mismatched)),
                "judge_accuracy_on_renders": judge_accuracy(held_out, count), "prompts": count,
                "sampling_steps": steps, "guidance_scale": guidance_scale}

@@ -25,6 +25,7 @@ from .nn import MaskedCrossAttention, SpaceMoE, TimeMoE
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
+
 @dataclass
 class RaphaelConfig:
     """Every knob of the model. Presets: RaphaelConfig.preset("tiny" | "small" | "paper")."""

@@ -38,6 +38,11 @@ def default_scheduler(unet: RaphaelUNet):
     )
 
 
+def vae_shift(vae) -> float:
+    """The latent mean some VAEs subtract before scaling (diffusers' `shift_factor`, e.g. SD3's); 0 for SD's."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 def vae_stride(vae) -> int:
     """Pixels per latent: 2 ** (number of VAE resolution levels - 1) (8 for Stable Diffusion's VAE); 1 without one."""
     return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
@@ -80,6 +85,10 @@ class RaphaelPipeline:
         self.unet = unet
         self.text_encoder = text_encoder
         self.scheduler = scheduler if scheduler is not None else default_scheduler(unet)
+        expected = getattr(getattr(self.scheduler, "config", None), "prediction_type", unet.config.prediction_type)
+        if expected != unet.config.prediction_type:
+            raise ValueError(f"RaphaelPipeline: the scheduler expects {expected!r} outputs, the U-Net predicts "
+                             f"{unet.config.prediction_type!r}")
         self.vae = vae
         self.vae_scaling_factor = vae_scaling_factor or (getattr(getattr(vae, "config", None), "scaling_factor", None)
                                                           or 0.18215)
@@ -153,7 +162,7 @@ class RaphaelPipeline:
         finally:
             self.unet.train(was_training)
         if config.latent:
-            x = self.vae.decode(x.to(self.vae.dtype) / self.vae_scaling_factor).sample
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae_scaling_factor + vae_shift(self.vae)).sample
         return PipelineOutput(images=to_pil(x), paths=paths)
 
 
@@ -163,4 +172,5 @@ def to_pil(images: Tensor) -> List[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
 
 
-__all__ = ["RaphaelPipeline", "PipelineOutput", "DiffusionPaths", "default_scheduler", "to_pil", "vae_stride"]
+__all__ = ["RaphaelPipeline", "PipelineOutput", "DiffusionPaths", "default_scheduler", "to_pil", "vae_stride",
+           "vae_shift"]

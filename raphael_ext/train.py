@@ -13,7 +13,6 @@ of ranks or in one process, and the other way round.
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -33,10 +32,10 @@ from tqdm.auto import tqdm
 
 from .data import FolderDataset, ShapesDataset
 from .edges import sobel_edges
-from .model import (RaphaelConfig, RaphaelUNet, ResBlock, SpatialTransformer, atomic_save_safetensors,
+from .model import (EdgeHead, RaphaelConfig, RaphaelUNet, ResBlock, SpatialTransformer, atomic_save_safetensors,
                     atomic_write_bytes)
 from .nn import EdgeFocalLoss
-from .pipeline import RaphaelPipeline, vae_stride
+from .pipeline import RaphaelPipeline, vae_shift, vae_stride
 from .text import OpenCLIPTextEncoder
 
 # The paper's 9 training buckets (height, width) in pixels.
@@ -76,8 +75,10 @@ class NoiseSchedule:
             return noise
         if prediction_type == "sample":
             return x0
+        if prediction_type != "v_prediction":
+            raise ValueError(f"NoiseSchedule.target: unknown prediction_type {prediction_type!r}")
         a = self.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0  # v-prediction
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 @dataclass
@@ -128,29 +129,33 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model_config = config.model_config()
-        self.unet = RaphaelUNet(self.model_config).to(self.device)
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        self.text_encoder = OpenCLIPTextEncoder(self.model_config.text_encoder, checkpoint=config.text_checkpoint)
-        self.text_encoder.to(self.device)
+        self.vae = self._load_vae()
+        self.vae_stride = vae_stride(self.vae)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
         # Without a process group there is nothing to shard over: fsdp=True then trains like one DDP rank.
         self.sharded = config.fsdp and dist.is_initialized()
-        if self.sharded:
+        self.unet = RaphaelUNet(self.model_config)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if self.sharded:  # built on the CPU: fully_shard moves one unit at a time to the device, as shards
             mesh = init_device_mesh(self.device.type, (self.world,))
             shard_unet(self.unet, mesh)
-            shard_unet(self.ema, mesh)  # sharded like the model, so the EMA update stays local to each rank
+            # Sharded like the model, so the EMA update stays local; resharded after every forward, as it has no
+            # backward to do that (FSDP would otherwise keep its root unit gathered after sampling).
+            shard_unet(self.ema, mesh, reshard_after_forward=True)
             self.model = self.unet
         else:
+            self.unet.to(self.device)
+            self.ema.to(self.device)
             self.model = DistributedDataParallel(self.unet) if self.world > 1 else self.unet
+        self.text_encoder = OpenCLIPTextEncoder(self.model_config.text_encoder, checkpoint=config.text_checkpoint)
+        self.text_encoder.to(self.device)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         warmup = max(1, config.warmup_steps)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.schedule = NoiseSchedule(self.model_config)
         self.edge_loss = EdgeFocalLoss(t_cutoff=self.model_config.t_cutoff)
-        self.vae = self._load_vae() if self.model_config.latent else None
-        self.vae_stride = vae_stride(self.vae)
         size = self.model_config.sample_size * self.vae_stride  # in pixels
         if config.data == "shapes":
             self.dataset = ShapesDataset(config.dataset_size, size, seed=config.seed)
@@ -164,6 +169,11 @@ class Trainer:
         self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
 
     def _load_vae(self):
+        """The latent presets' VAE (None for pixel presets), loaded and checked before anything is built."""
+        if not self.model_config.latent:
+            if self.config.vae is not None:
+                raise ValueError(f"Trainer: preset {self.config.preset!r} diffuses pixels; it takes no vae")
+            return None
         if self.config.vae is None:
             raise ValueError(f"Trainer: preset {self.config.preset!r} diffuses in a VAE's latent space; pass vae=<a "
                              "local diffusers AutoencoderKL folder> (--vae), e.g. Stable Diffusion's vae/ folder")
@@ -182,7 +192,8 @@ class Trainer:
         posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         noise = torch.randn((self.config.batch_size, *posterior.mean.shape[1:]), generator=generator)
         noise = noise[self.rank :: self.world].to(posterior.mean)
-        return ((posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor).float()
+        latents = posterior.mean + posterior.std * noise
+        return ((latents - vae_shift(self.vae)) * self.vae.config.scaling_factor).float()
 
     # --- data ------------------------------------------------------------------------------------------------
     def batch(self, step: int) -> Dict[str, object]:
@@ -236,9 +247,7 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.config.ema_decay
-        for ema, param in zip(self.ema.parameters(), self.unet.parameters()):
-            ema.lerp_(param, 1 - decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.unet.parameters()), 1 - self.config.ema_decay)
 
     # --- loop ------------------------------------------------------------------------------------------------
     def train(self) -> List[Dict[str, float]]:
@@ -304,11 +313,11 @@ class Trainer:
         model = get_model_state_dict(self.unet, options=options)
         ema = get_model_state_dict(self.ema, options=options)
         optimizer = get_optimizer_state_dict(self.unet, self.optimizer, options=options)
-        if self.rank != 0:
-            return self.out
         root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:07d}"
+        if self.rank != 0:
+            return final
+        root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         try:
             atomic_save_safetensors(model, tmp / "model.safetensors")
@@ -333,44 +342,68 @@ class Trainer:
         return final
 
     def load_checkpoint(self, folder: Path) -> None:
+        """Loads a save_checkpoint folder. Under FSDP every rank calls it: rank 0 reads and checks the tensors,
+        every rank reads state.json, all learn of any rank's failure before the first broadcast (so a bad
+        checkpoint is an error on every rank, never a hang), then set_*_state_dict broadcast and shard."""
         folder = Path(folder)
         needed = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"]
         missing = [n for n in needed if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"Trainer: checkpoint {folder} is incomplete (missing {missing})")
+        failure = None
         try:
-            state = json.loads((folder / "state.json").read_text())
-            # Under FSDP only rank 0 reads the tensors; set_*_state_dict broadcast and shard them.
-            device = "cpu" if self.sharded else str(self.device)
-            reads = not self.sharded or self.rank == 0
-            model = load_file(str(folder / "model.safetensors"), device=device) if reads else {}
-            ema = load_file(str(folder / "ema.safetensors"), device=device) if reads else {}
-            tensors = load_file(str(folder / "optimizer.safetensors"), device=device) if reads else {}
-            optimizer = _unflatten_optimizer(tensors, state["param_groups"]) if reads else {}
-            error = None
-        except Exception as caught:  # safetensors and JSON each raise their own kind
-            error = caught
-        if self.sharded:  # every rank learns whether rank 0 could read it, so none waits in a broadcast
-            errors = [error]
-            dist.broadcast_object_list(errors, src=0)
-            error = error or errors[0]
-        try:
-            if error is not None:
-                raise error
-            options = self._full_options(broadcast_from_rank0=True)
-            set_model_state_dict(self.unet, model, options=options)
-            set_model_state_dict(self.ema, ema, options=options)
-            set_optimizer_state_dict(self.unet, self.optimizer, optimizer, options=options)
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-        except Exception as caught:
-            raise RuntimeError(f"Trainer: checkpoint {folder} is corrupt or from another model: {caught}") from caught
+            if missing:
+                raise FileNotFoundError(f"Trainer: checkpoint {folder} is incomplete (missing {missing})")
+            state, model, ema, optimizer = self._read_checkpoint(folder)
+        except Exception as error:  # safetensors, JSON and the checks each raise their own kind
+            failure = error
+        report = None if failure is None else (isinstance(failure, FileNotFoundError), str(failure))
+        reports = [report]
+        if self.sharded:
+            reports = [None] * self.world
+            dist.all_gather_object(reports, report)
+        bad = next((r for r in reports if r is not None), None)
+        if bad is not None:
+            files_missing, message = bad
+            if files_missing:
+                raise FileNotFoundError(message) from failure
+            raise RuntimeError(f"Trainer: checkpoint {folder} is corrupt or from another model: {message}") from failure
+        options = self._full_options(broadcast_from_rank0=True)
+        set_model_state_dict(self.unet, model, options=options)
+        set_model_state_dict(self.ema, ema, options=options)
+        set_optimizer_state_dict(self.unet, self.optimizer, optimizer, options=options)
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
+
+    def _read_checkpoint(self, folder: Path):
+        """(state, model, ema, optimizer) of a checkpoint folder, checked against this model's parameter names and
+        shapes; under FSDP only rank 0 reads the tensors (the others get empty dicts)."""
+        state = json.loads((folder / "state.json").read_text())
+        absent = [key for key in ("step", "lr_schedule", "param_groups") if key not in state]
+        if absent:
+            raise ValueError(f"state.json lacks {absent}")
+        if self.sharded and self.rank != 0:
+            return state, {}, {}, {}
+        device = "cpu" if self.sharded else str(self.device)
+        model = load_file(str(folder / "model.safetensors"), device=device)
+        ema = load_file(str(folder / "ema.safetensors"), device=device)
+        optimizer = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors"), device=device),
+                                         state["param_groups"])
+        shapes = {name: tuple(t.shape) for name, t in self.unet.state_dict().items()}  # full shapes under FSDP too
+        for name, tensors in (("model", model), ("ema", ema)):
+            found = {key: tuple(t.shape) for key, t in tensors.items()}
+            if found != shapes:
+                wrong = sorted(set(found.items()) ^ set(shapes.items()))[:3]
+                raise ValueError(f"{name} tensors do not match this model (e.g. {wrong})")
+        for param, values in optimizer["state"].items():
+            if param not in shapes or tuple(values["exp_avg"].shape) != shapes[param]:
+                raise ValueError(f"optimizer state {param!r} does not match a parameter of this model")
+        return state, model, ema, optimizer
 
     @classmethod
     def resume(cls, out: str, steps: Optional[int] = None, device: Optional[str] = None,
-               checkpoint: Optional[str] = None) -> "Trainer":
+               checkpoint: Optional[str] = None, **overrides) -> "Trainer":
         """A Trainer continuing the run in `out` from its latest checkpoint (or from `checkpoint`, a step folder),
-        optionally with a new step target; it keeps writing into `out`."""
+        optionally with a new step target and other TrainConfig fields that do not change the model (fsdp, vae,
+        checkpoint_every, ...); it keeps writing into `out`."""
         root = Path(out) / "checkpoints"
         latest = root / "latest"
         if checkpoint is not None:
@@ -382,7 +415,8 @@ class Trainer:
         state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else None
         if state is None:
             raise FileNotFoundError(f"Trainer.resume: {folder} has no state.json")
-        config = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"]), "out": str(out)})
+        config = TrainConfig(**{**state["train_config"], "betas": tuple(state["train_config"]["betas"]), "out": str(out),
+                                **overrides})
         if steps is not None:
             config.steps = steps
         trainer = cls(config, device=device)
@@ -390,16 +424,18 @@ class Trainer:
         return trainer
 
 
-def shard_unet(unet: RaphaelUNet, mesh) -> None:
-    """FSDP2: each ResBlock and each transformer block is one unit, gathered just before it runs and freed after
-    (its gradient checkpointing recomputes inside the gathered unit); the stem, the head and the edge predictor
-    form the root unit. Parameters stay float32 (the expert ops take one dtype for activations and weights;
-    bf16 autocast, as under DDP, does the mixed precision)."""
+def shard_unet(unet: RaphaelUNet, mesh, reshard_after_forward: Optional[bool] = None) -> None:
+    """FSDP2: each ResBlock, transformer block, down/upsampling convolution and the edge predictor is one unit,
+    gathered just before it runs and freed after (gradient checkpointing recomputes inside the gathered unit);
+    the time embedding and the input/output convolutions form the root unit. Parameters stay float32 (the expert
+    ops take one dtype for activations and weights; bf16 autocast, as under DDP, does the mixed precision)."""
     from torch.distributed.fsdp import fully_shard
 
-    for unit in [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]:
+    units = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer, EdgeHead))]
+    units += [stage[key] for stage in (*unet.down, *unet.up) for key in ("downsample", "upsample") if key in stage]
+    for unit in units:
         fully_shard(unit, mesh=mesh)
-    fully_shard(unet, mesh=mesh)
+    fully_shard(unet, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
 def _flatten_optimizer(state_dict: dict) -> Tuple[Dict[str, torch.Tensor], list]:
