@@ -132,3 +132,41 @@ def test_pybind11_entry_points_keep_autograd():
                                raphael_ext.ops.grouped_gemm(a, w1, offsets, b1, "gelu"))
     torch.testing.assert_close(raphael_ext._C.time_moe(x.detach(), route[:, 0], w1, b1, w2, b2),
                                time_moe(x.detach(), route[:, 0], w1, b1, w2, b2))
+
+
+@pytest.mark.parametrize("cls", [SpaceMoE, TimeMoE])
+def test_experts_run_in_the_autocast_dtype(cls):
+    """Under autocast the expert ops get the autocast dtype for their input and weights (as nn.Linear would),
+    not LayerNorm's float32; the weights' gradients stay float32 and match the float32 layer's to bf16 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "raphael_ext":
+                self.seen.append({t.dtype for t in args if isinstance(t, torch.Tensor) and t.is_floating_point()})
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, text, mask = space_inputs()
+    layer = (SpaceMoE(16, 8, 3, pre_norm=True) if cls is SpaceMoE else TimeMoE(16, 8, 3, pre_norm=True)).eval()
+
+    def run():
+        layer.zero_grad()
+        out = layer(x, text, mask) if cls is SpaceMoE else layer(x, text[:, 0])
+        out.out.square().sum().backward()
+        return out.out.detach(), [p.grad.clone() for p in layer.experts]
+
+    reference, reference_grads = run()
+    with OpDtypes() as recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = run()
+    forward_calls = [dtypes for dtypes in recorder.seen if dtypes]
+    assert forward_calls and forward_calls[0] == {torch.bfloat16}, recorder.seen
+    assert out.dtype == torch.float32  # the residual stays in x's dtype
+    torch.testing.assert_close(out, reference, rtol=5e-2, atol=5e-2)
+    for grad, expected in zip(grads, reference_grads):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, expected, rtol=5e-2, atol=5e-2 * expected.abs().max().item())

@@ -1,10 +1,12 @@
 """torch.nn modules built on raphael_ext.ops."""
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import cross_attention_mask, sigmoid_focal_loss
+from .ops import cross_attention_mask, sigmoid_focal_loss, space_moe, time_moe
 
 
 class MaskedCrossAttention(nn.Module):
@@ -47,13 +49,6 @@ class MaskedCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, alpha={self.alpha}"
-from typing import NamedTuple, Optional
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from .ops import sigmoid_focal_loss, space_moe, time_moe
 
 
 class EdgeFocalLoss(nn.Module):
@@ -78,9 +73,6 @@ class EdgeFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"t_cutoff={self.t_cutoff}, alpha={self.alpha}, gamma={self.gamma}"
-
-
-__all__ = ["EdgeFocalLoss", "MaskedCrossAttention"]
 
 
 class MoEOutput(NamedTuple):
@@ -149,6 +141,17 @@ class _ExpertLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
 
+    def _operands(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        """The expert ops' input (the pre-norm of x) and weights in one dtype: under autocast the autocast dtype,
+        as nn.Linear would run (the ops have no autocast rule, and would otherwise see LayerNorm's float32
+        output and float32 weights and run in float32), else x's."""
+        h = self.norm(x)
+        device = x.device.type  # "meta" (a model built without memory) has no autocast
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            return h.to(dtype), [w.to(dtype) for w in self.experts]
+        return h, list(self.experts)
+
 
 class SpaceMoE(_ExpertLayer):
     """RAPHAEL's space-MoE layer (SPEC §2.4): each valid text token picks an expert with the text gate FFN, and
@@ -174,7 +177,8 @@ class SpaceMoE(_ExpertLayer):
         if self.num_experts == 0:
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(text), self.gate_noise, self.training)
-        out = x + space_moe(self.norm(x), mask, route, gate.to(x.dtype), *self.experts, text_lengths)
+        h, experts = self._operands(x)
+        out = x + space_moe(h, mask, route, gate.to(h.dtype), *experts, text_lengths)
         balance = None
         if self.balance_loss:
             positions = torch.arange(route.shape[1], device=route.device)
@@ -197,9 +201,10 @@ class TimeMoE(_ExpertLayer):
         if self.num_experts == 0:
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(time_embedding), self.gate_noise, self.training)
-        out = x + gate.to(x.dtype).view(-1, 1, 1) * time_moe(self.norm(x), route, *self.experts)
+        h, experts = self._operands(x)
+        out = x + gate.to(h.dtype).view(-1, 1, 1) * time_moe(h, route, *experts)
         balance = _balance_loss(probs, route, torch.ones_like(route, dtype=torch.bool)) if self.balance_loss else None
         return MoEOutput(out, route, balance)
 
 
-__all__ += ["MoEOutput", "SpaceMoE", "TimeMoE"]
+__all__ = ["EdgeFocalLoss", "MaskedCrossAttention", "MoEOutput", "SpaceMoE", "TimeMoE"]
