@@ -45,8 +45,9 @@ def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50,
         raise ValueError(f"evaluate: count must be >= 2 (a chance level and a standard error need two), got {count}")
     size = pipe.unet.config.sample_size * pipe.vae_stride
     held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
-    scenes = [held_out.scene(i) for i in range(count)]
-    captions = [held_out[i]["caption"] for i in range(count)]
+    items = [held_out[i] for i in range(count)]  # rendered once: captions, scenes and the chance level's images
+    scenes = [item["objects"] for item in items]
+    captions = [item["caption"] for item in items]
     images: List[Image.Image] = []
     for start in range(0, count, batch):
         images += pipe(captions[start : start + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -54,7 +55,7 @@ def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50,
     scores = [judge_image(image, scene)["score"] for image, scene in zip(images, scenes)]
     # Chance level: exact renders of the wrong prompt (the next one) pass some checks, as clean shapes that ignore
     # the prompt would; a model aligns with the text only as far as it scores above this.
-    mismatched = [judge_image(held_out[(i + 1) % count]["image"], scenes[i])["score"] for i in range(count)]
+    mismatched = [judge_image(items[(i + 1) % count]["image"], scenes[i])["score"] for i in range(count)]
     metrics = {"alignment": float(np.mean(scores)),
                "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(count)),
                "chance_alignment": float(np.mean(mismatched)),
