@@ -262,6 +262,24 @@ def _tensor(trainer, key):
     return (param if kind == "param" else param.grad).detach()
 
 
+def test_sampling_from_a_run_uses_its_text_encoder(tmp_path):
+    """A random text tower is drawn from the global RNG: the run saves the one it trained with, and the CLI's
+    sample/evaluate pipeline loads it by default, so prompts are encoded as in training."""
+    import argparse
+
+    from raphael_ext.__main__ import _pipeline
+    from raphael_ext.text import OpenCLIPTextEncoder
+
+    trainer = Trainer(config(tmp_path, steps=1), device="cpu")
+    trainer.train()
+    prompts = ["a red circle", "a blue square above a green triangle"]
+    expected = trainer.text_encoder.encode(prompts)[0]
+    fresh = OpenCLIPTextEncoder(trainer.model_config.text_encoder).encode(prompts)[0]
+    assert not torch.allclose(fresh, expected)  # why the tower must be kept
+    pipe = _pipeline(argparse.Namespace(ckpt=str(tmp_path / "run" / "unet_ema"), text_checkpoint=None, vae=None))
+    torch.testing.assert_close(pipe.text_encoder.encode(prompts)[0], expected, rtol=0, atol=0)
+
+
 def test_cli_train_sample_evaluate(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-P", "-m", "raphael_ext"]  # -P: the installed package, as the tests import it

@@ -40,9 +40,14 @@ def _pipeline(args):
     from .pipeline import RaphaelPipeline
     from .text import OpenCLIPTextEncoder
 
+    from .train import TEXT_ENCODER_FILE
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet = RaphaelUNet.from_pretrained(args.ckpt, device=device).eval()
-    encoder = OpenCLIPTextEncoder(unet.config.text_encoder, checkpoint=args.text_checkpoint).to(device)
+    # Default: the text tower the run trained with (saved next to unet_ema/ when it was random).
+    run_text = Path(args.ckpt).parent / TEXT_ENCODER_FILE
+    text_checkpoint = args.text_checkpoint or (run_text if run_text.is_file() else None)
+    encoder = OpenCLIPTextEncoder(unet.config.text_encoder, checkpoint=text_checkpoint).to(device)
     vae = RaphaelPipeline.load_vae(args.vae, device=device) if args.vae else None
     return RaphaelPipeline(unet, encoder, vae=vae)
 

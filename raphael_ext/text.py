@@ -66,6 +66,13 @@ class OpenCLIPTextEncoder(nn.Module):
     def train(self, mode: bool = True):
         return super().train(mode and self.trainable)
 
+    def save(self, path: Union[str, Path]) -> None:
+        """The tower's weights as a .safetensors file that `checkpoint=` reads back (written atomically): a
+        random tower is drawn from the global RNG, so a run keeps the one it trained with."""
+        from .model import atomic_save_safetensors
+
+        atomic_save_safetensors({f"text.{k}": v for k, v in self.tower.state_dict().items()}, Path(path))
+
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tensor:
         """int64 [B, context_length] token ids (start, BPE tokens, end, zero padding; truncated to fit)."""
         return self.tokenizer([prompts] if isinstance(prompts, str) else list(prompts))

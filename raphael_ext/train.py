@@ -38,6 +38,9 @@ from .nn import EdgeFocalLoss
 from .pipeline import RaphaelPipeline, vae_shift, vae_stride
 from .text import OpenCLIPTextEncoder
 
+# Next to unet/ and unet_ema/: the run's text tower when it was random (no text_checkpoint).
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
+
 # The paper's 9 training buckets (height, width) in pixels.
 PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (640, 576), (704, 512), (768, 512),
                  (832, 448))
@@ -339,6 +342,9 @@ class Trainer:
             shutil.rmtree(old)
         self.unet.save_pretrained(self.out / "unet", state_dict=model)
         self.ema.save_pretrained(self.out / "unet_ema", state_dict=ema)
+        text = self.out / TEXT_ENCODER_FILE
+        if self.config.text_checkpoint is None and not text.is_file():  # the random tower: sampling needs this one
+            self.text_encoder.save(text)
         return final
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -463,4 +469,5 @@ def setup_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-__all__ = ["TrainConfig", "Trainer", "NoiseSchedule", "buckets", "PAPER_BUCKETS", "setup_distributed", "shard_unet"]
+__all__ = ["TrainConfig", "Trainer", "TEXT_ENCODER_FILE", "NoiseSchedule", "buckets", "PAPER_BUCKETS",
+           "setup_distributed", "shard_unet"]
