@@ -4,8 +4,10 @@ The extension is compiled against the torch of the environment running this buil
     pip install --no-build-isolation .
 (pip's default isolated build has no torch and stops below with that advice). Build switches,
 printed at build time:
-    RAPHAEL_EXT_CUDA      auto (default: CUDA kernels when possible) | 0 (CPU only) | 1 (CUDA required)
-    TORCH_CUDA_ARCH_LIST  GPU archs; default: the visible GPUs, or "8.0;9.0a" (Ampere + Hopper) when none is visible
+    RAPHAEL_EXT_CUDA      auto (default: CUDA kernels when possible) | 0 (CPU only) |
+                          1 (CUDA kernels and CUTLASS required: a build without them is an error)
+    TORCH_CUDA_ARCH_LIST  GPU archs; default: the visible GPUs (a Hopper GPU as 9.0a, which its wgmma
+                          kernels need), or "8.0;9.0a" (Ampere + Hopper) when none is visible
     MAX_JOBS              parallel compile jobs (ninja)
     CUDA_HOME             CUDA toolkit; default: found from nvcc on PATH
 """
@@ -62,6 +64,21 @@ def find_cutlass_include() -> list[str]:
     return [str(f) for f in folders if f.is_dir()]
 
 
+def visible_gpu_archs(torch) -> str:
+    """TORCH_CUDA_ARCH_LIST for the visible GPUs. Hopper (9.0) becomes 9.0a: torch's own default would build
+    plain sm_90, which lacks the wgmma/TMA instructions of the CUTLASS 3.x kernels, so they would silently not run."""
+    archs = set()
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        archs.add((major, minor))
+    return ";".join(f"{major}.{minor}{'a' if (major, minor) == (9, 0) else ''}" for major, minor in sorted(archs))
+
+
+def builds_sm90a(arch_list: str) -> bool:
+    """Whether TORCH_CUDA_ARCH_LIST asks for sm_90a code (e.g. "8.0;9.0a", "9.0a+PTX")."""
+    return any(arch.split("+")[0] == "9.0a" for arch in arch_list.replace(" ", ";").split(";"))
+
+
 def extra_cuda_headers(cuda_home: str) -> list[str]:
     """cuBLAS/cuSPARSE headers (pulled in by ATen's CUDA headers) from torch's nvidia pip packages when the
     toolkit lacks them; searched after the toolkit's own include folder."""
@@ -103,21 +120,30 @@ def build_extension():
     log(f"RAPHAEL_EXT_CUDA={mode}: CUDA kernels {'ON' if with_cuda else 'OFF'}"
         + ("" if with_cuda else f" ({'disabled' if mode == '0' else why_not})"))
     if with_cuda:
+        if mode == "1" and not cutlass:
+            raise RuntimeError("RAPHAEL_EXT_CUDA=1 but the CUTLASS headers were not found (pip install nvidia-cutlass): "
+                               "without them the expert GEMMs would silently run as an at::mm loop")
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             if torch.cuda.is_available():
-                log("TORCH_CUDA_ARCH_LIST unset: building for the visible GPUs")
+                os.environ["TORCH_CUDA_ARCH_LIST"] = visible_gpu_archs(torch)
+                log(f"TORCH_CUDA_ARCH_LIST unset: building for the visible GPUs ({os.environ['TORCH_CUDA_ARCH_LIST']})")
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS_WITHOUT_GPU
                 log(f"TORCH_CUDA_ARCH_LIST unset and no GPU visible: using {DEFAULT_ARCHS_WITHOUT_GPU}")
-        log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}, CUDA_HOME={cuda_home}")
+        arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+        log(f"TORCH_CUDA_ARCH_LIST={arch_list}, CUDA_HOME={cuda_home}")
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
         headers = extra_cuda_headers(cuda_home)
-        cxx_flags += ["-DRAPHAEL_EXT_WITH_CUDA"] + headers
-        nvcc_flags += ["-DRAPHAEL_EXT_WITH_CUDA"] + headers
+        defines = ["-DRAPHAEL_EXT_WITH_CUDA"]
         if cutlass:
-            cxx_flags.append("-DRAPHAEL_EXT_WITH_CUTLASS")
-            nvcc_flags.append("-DRAPHAEL_EXT_WITH_CUTLASS")
+            defines.append("-DRAPHAEL_EXT_WITH_CUTLASS")
             include_dirs += cutlass
+        if builds_sm90a(arch_list):
+            defines.append("-DRAPHAEL_EXT_SM90A")  # build_info() reports the sm_90a kernels (csrc/cuda/build_info.cu)
+        else:
+            log("no 9.0a in TORCH_CUDA_ARCH_LIST: Hopper GPUs will run the Sm80 CUTLASS kernels, not the wgmma ones")
+        cxx_flags += defines + headers
+        nvcc_flags += defines + headers
     log(f"CUTLASS headers: {cutlass[0] if cutlass else 'not found (pip install nvidia-cutlass)'}"
         + ("" if with_cuda else " (unused without CUDA)"))
     log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}")

@@ -23,6 +23,7 @@ namespace raphael_ext {
 
 #if defined(RAPHAEL_EXT_WITH_CUDA)
 std::string compiled_cuda_archs();  // csrc/cuda/build_info.cu
+bool sm90a_kernels_compiled();
 #endif
 
 TORCH_LIBRARY(raphael_ext, m) {
@@ -86,9 +87,11 @@ pybind11::dict build_info() {
     start = comma + 1;
   }
   info["cuda_archs"] = archs;
+  info["sm90a_kernels"] = sm90a_kernels_compiled();
 #else
   info["cuda"] = py::none();
   info["cuda_archs"] = py::list();
+  info["sm90a_kernels"] = false;
 #endif
 #if defined(RAPHAEL_EXT_WITH_CUTLASS)
   info["cutlass"] = std::to_string(CUTLASS_MAJOR) + "." + std::to_string(CUTLASS_MINOR) + "." +
@@ -147,8 +150,8 @@ PYBIND11_MODULE(_C, m) {
   namespace py = pybind11;
   m.doc() = "raphael_ext native ops (CPU and CUDA kernels registered under torch.ops.raphael_ext)";
   m.def("build_info", &raphael_ext::build_info,
-        "Versions the extension was built with (torch, CUDA, CUTLASS), the GPU archs it holds and "
-        "whether the CPU kernels use AVX2.");
+        "Versions the extension was built with (torch, CUDA, CUTLASS), the GPU archs it holds, whether "
+        "it holds the Hopper (sm_90a) grouped-GEMM kernels and whether the CPU kernels use AVX2.");
   m.def("sigmoid_focal_loss", &raphael_ext::sigmoid_focal_loss, py::arg("logits"), py::arg("targets"),
         py::arg("alpha") = 0.5, py::arg("gamma") = 2.0, py::arg("reduction") = "mean",
         py::arg("sample_mask") = py::none(),

@@ -5,13 +5,14 @@ import torch.nn.functional as F
 
 # Relative tolerance of the expert ops vs the float64 references: two chained GEMMs whose float32 sums
 # are rounded to the dtype in between (the hidden activations), so a few ulps more than RTOL; on CUDA,
-# float32 runs on TF32 tensor cores (10-bit mantissa).
+# float32 runs on TF32 tensor cores (10-bit mantissa) where PyTorch's flags allow TF32 matmuls.
 MOE_RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 TF32_RTOL = 4e-3
 
 
 def moe_rtol(dtype, device):
-    return TF32_RTOL if (dtype == torch.float32 and str(device).startswith("cuda")) else MOE_RTOL[dtype]
+    tf32 = dtype == torch.float32 and str(device).startswith("cuda") and torch.backends.cuda.matmul.allow_tf32
+    return TF32_RTOL if tf32 else MOE_RTOL[dtype]
 
 
 def randn(shape, dtype, device, generator, scale=1.0):

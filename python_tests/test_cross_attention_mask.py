@@ -352,6 +352,65 @@ def test_cuda_deterministic_and_clamps_lengths():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_more_than_65535_sample_head_pairs(device):
+    """B * H = 65538: the CUDA grids put (sample, head) pairs on x, which takes 2^31 - 1 blocks (y takes 65535)."""
+    q, k, v = make_qkv(3, 21846, 2, 3, 32, torch.float32, device)
+    text_lengths = lengths_tensor([3, 1, 2], device)
+    check_forward(q, k, v, 0.2, text_lengths)
+    check_backward(q, k, v, text_lengths)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_unaligned_views_take_scalar_loads(dtype):
+    """q, k, v starting one element past a 16-byte boundary: the kernels' element-wise loads."""
+    B, H, Nx, Ny, D = 2, 3, 45, 77, 64
+
+    def shifted(t):
+        storage = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
+        view = storage[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    q, k, v = (shifted(t.contiguous()) for t in make_qkv(B, H, Nx, Ny, D, dtype, "cuda"))
+    text_lengths = lengths_tensor([77, 30], "cuda")
+    check_forward(q, k, v, 0.2, text_lengths)
+    check_backward(q, k, v, text_lengths)
+
+
+# Per-block shared memory (opt-in) of GPUs with less than Hopper's 227 KiB.
+A100_SMEM, SM86_SMEM = 166912, 101376
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_cuda_forward_fits_an_a100(monkeypatch):
+    """float32, D = 128, N_y = 128 needs 182 KB per block with 8 rows per warp; under an A100's limit the forward
+    takes 4 rows per warp, with the same results (the backward needs 138 KB and fits as it is)."""
+    monkeypatch.setenv("RAPHAEL_EXT_MAX_SMEM_PER_BLOCK", str(A100_SMEM))
+    q, k, v = make_qkv(1, 4, 33, 128, 128, torch.float32, "cuda")
+    check_forward(q, k, v)
+    check_backward(q, k, v)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_cuda_shared_memory_limits(monkeypatch):
+    """Under an sm_86 limit a float16 forward at D = N_y = 128 leaves the tensor cores (150 KB) for SIMT rows (85
+    KB); where nothing fits, the error names the bytes needed."""
+    q, k, v = make_qkv(2, 2, 40, 128, 128, torch.float16, "cuda")
+    monkeypatch.setenv("RAPHAEL_EXT_MAX_SMEM_PER_BLOCK", str(SM86_SMEM))
+    check_forward(q, k, v)
+    with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
+        check_backward(q, k, v)  # dQ holds K and V of a head in float32: 138 KB
+    monkeypatch.setenv("RAPHAEL_EXT_MAX_SMEM_PER_BLOCK", "16384")
+    with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
+        cross_attention_mask(q, k, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_masked_cross_attention_module(device):
     from raphael_ext.nn import MaskedCrossAttention
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from raphael_ext.ops import grouped_gemm
 
 from helpers import CUDA, DEVICES, assert_close_rel
-from moe_helpers import grouped_reference, moe_rtol, randn
+from moe_helpers import MOE_RTOL, TF32_RTOL, grouped_reference, moe_rtol, randn
 
 OP = torch.ops.raphael_ext.grouped_gemm.default
 WEIGHT_GRAD_OP = torch.ops.raphael_ext.grouped_gemm_weight_grad.default
@@ -21,7 +21,7 @@ def make_inputs(sizes, K, N, dtype, device, seed=0, tail=0, bias=True):
     g = torch.Generator().manual_seed(seed)
     T, E = sum(sizes) + tail, len(sizes)
     a = randn((T, K), dtype, device, g)
-    b = randn((E, K, N), dtype, device, g, K**-0.5)
+    b = randn((E, K, N), dtype, device, g, max(K, 1) ** -0.5)
     c = randn((E, N), dtype, device, g) if bias else None
     offsets = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
     return a, b, offsets, c
@@ -71,20 +71,59 @@ def test_random_shapes(device, sizes, K, N, tail, activation, bias, seed):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_aligned_large_groups(device, dtype):
-    """K and N multiples of 8 (the CUTLASS paths on a GPU), groups spanning several 128-row tiles."""
+    """K and N multiples of 8 (the CUTLASS paths on a GPU), groups spanning several 128-row tiles: on Hopper
+    more than 128 rows per group on average and N > 128 take the cooperative schedule."""
     a, b, offsets, c = make_inputs([300, 0, 129, 1, 256], 128, 136, dtype, device, seed=4)
     check(a, b, offsets, c, "gelu")
     check(a, b, offsets, None, None)
 
 
+def leave_garbage(shape, dtype, device):
+    """Frees a NaN-filled buffer of the output's size, so an output the op forgets to write is likely to hold it
+    (the CUDA caching allocator hands the block back out) rather than zeros by luck."""
+    torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_rows_and_all_empty(device):
-    a, b, offsets, c = make_inputs([0, 0, 0], 8, 8, torch.float32, device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows_and_all_empty(device, dtype):
+    a, b, offsets, c = make_inputs([0, 0, 0], 8, 8, dtype, device)
     assert grouped_gemm(a, b, offsets, c, "gelu").shape == (0, 8)
-    a, b, offsets, c = make_inputs([0, 0], 8, 8, torch.float32, device, tail=3)
+    a, b, offsets, c = make_inputs([0, 0], 8, 8, dtype, device, tail=3)
+    leave_garbage((3, 8), dtype, device)
     assert (grouped_gemm(a, b, offsets, c) == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_groups(device, dtype):
+    """E = 0: no group owns a row, so every row is zero, and the gradients are zero or empty."""
+    a = randn((5, 16), dtype, device, torch.Generator().manual_seed(0)).requires_grad_()
+    b = torch.empty(0, 16, 8, dtype=dtype, device=device, requires_grad=True)
+    offsets = torch.empty(0, dtype=torch.int32, device=device)
+    leave_garbage((5, 8), dtype, device)
+    out = grouped_gemm(a, b, offsets)
+    assert out.shape == (5, 8) and (out == 0).all()
+    da, db = torch.autograd.grad(out.sum(), (a, b))
+    assert (da == 0).all() and db.shape == (0, 16, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_width_rows_still_give_the_bias_gradient(device, dtype):
+    """K = 0: c = act(bias[g]) on each group's rows, and bias.grad holds the column sums of each group."""
+    a, b, offsets, c = make_inputs([3, 0, 5], 0, 16, dtype, device, tail=2)
+    c.requires_grad_()
+    out = grouped_gemm(a, b, offsets, c, "gelu")
+    assert_close_rel(out, grouped_reference(a, b, offsets.cpu(), c.detach(), "gelu"), dtype, "c", rtol=moe_rtol(dtype, device))
+    grad = randn(out.shape, dtype, device, torch.Generator().manual_seed(3))
+    (dbias,) = torch.autograd.grad(out, c, grad)
+    ref = c.detach().double().cpu().requires_grad_()
+    (expected,) = torch.autograd.grad(grouped_reference(a, b, offsets.cpu(), ref, "gelu"), ref, grad.double().cpu())
+    assert_close_rel(dbias, expected, dtype, "dbias", rtol=moe_rtol(dtype, device))
+    assert dbias[0].abs().sum() > 0 and (dbias[1] == 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,14 +160,17 @@ def test_gradcheck_float64(activation):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_weight_grad_op(device):
-    a, _, offsets, _ = make_inputs([4, 0, 9, 2], 8, 8, torch.float32, device, tail=3)
-    grad = randn((a.shape[0], 5), torch.float32, device, torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [5, 40])  # 40: 16-byte rows, the tensor-core path on a GPU; 5: the at::mm loop
+def test_weight_grad_op(device, dtype, width):
+    a, _, offsets, _ = make_inputs([4, 0, 9, 0, 300], 8, 8, dtype, device, tail=3)
+    grad = randn((a.shape[0], width), dtype, device, torch.Generator().manual_seed(2))
     db, dbias = WEIGHT_GRAD_OP(a, grad, offsets)
     ends = offsets.tolist()
+    rtol = moe_rtol(dtype, device)
     for g, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
-        assert_close_rel(db[g], a[start:end].double().t() @ grad[start:end].double(), torch.float32, rtol=moe_rtol(torch.float32, device))
-        assert_close_rel(dbias[g], grad[start:end].double().sum(0), torch.float32, rtol=moe_rtol(torch.float32, device))
+        assert_close_rel(db[g], a[start:end].double().t() @ grad[start:end].double(), dtype, f"db[{g}]", rtol=rtol)
+        assert_close_rel(dbias[g], grad[start:end].double().sum(0), dtype, f"dbias[{g}]", rtol=rtol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -200,7 +242,7 @@ def test_bad_arguments_name_the_argument(device):
 def test_cuda_misaligned_shapes_fall_back(dtype):
     """K or N not a multiple of 16 bytes, or a contiguous operand starting off 16-byte alignment: the at::mm
     loop, same results."""
-    for K, N in ((30, 40), (32, 36)):
+    for K, N in ((30, 40), (32, 34)):  # K, then N, off 16 bytes for every dtype
         check(*make_inputs([20, 0, 33], K, N, dtype, "cuda"), "gelu")
     a, b, offsets, c = make_inputs([20, 0, 33], 32, 40, dtype, "cuda")
     shifted = torch.empty(a.numel() + 1, dtype=dtype, device="cuda")[1:].view_as(a).copy_(a)
@@ -219,3 +261,23 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, first)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+def test_cuda_float32_follows_the_tf32_flag():
+    """float32 is computed in full precision unless PyTorch's flags allow TF32 matmuls (its default is full
+    precision); then the CUTLASS path uses TF32 tensor cores, like cuBLAS."""
+    a, b, offsets, c = make_inputs([300, 0, 200], 256, 128, torch.float32, "cuda", seed=5)
+    expected = grouped_reference(a, b, offsets.cpu(), c, None)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        full = grouped_gemm(a, b, offsets, c)
+        assert_close_rel(full, expected, torch.float32, "float32", rtol=MOE_RTOL[torch.float32])
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = grouped_gemm(a, b, offsets, c)
+        assert_close_rel(tf32, expected, torch.float32, "tf32", rtol=TF32_RTOL)
+        assert not torch.equal(tf32, full), "allow_tf32 = True should run the TF32 tensor-core kernel"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

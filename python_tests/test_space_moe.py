@@ -264,6 +264,22 @@ def test_bad_arguments_name_the_argument(device):
             space_moe(**{**good, **change})
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_routed_rows_beyond_int32_are_refused(device):
+    """B * N_x * min(E, N_y) > 2^31 - 1 pairs cannot be addressed by the grouped GEMMs' int32 offsets: the op and the
+    plan alone refuse it before allocating anything (the mask is a stride-0 view of one element)."""
+    B, N_x, N_y, E = 2, 2**29, 4, 4
+    mask = torch.ones(1, 1, 1, dtype=torch.bool, device=device).expand(B, N_x, N_y)
+    route = torch.zeros(B, N_y, dtype=torch.int64, device=device)
+    gate = torch.ones(B, N_y, device=device)
+    with pytest.raises(RuntimeError, match="routed rows exceed the int32 offsets"):
+        space_moe_plan(mask, route, gate, E)
+    x = torch.zeros(1, 1, 8, device=device).expand(B, N_x, 8)
+    _, _, _, _, w1, b1, w2, b2, _ = make_space_inputs(1, 1, N_y, 8, 8, E, torch.float32, device)
+    with pytest.raises(RuntimeError, match="routed rows exceed the int32 offsets"):
+        space_moe(x, mask, route, gate, w1, b1, w2, b2)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

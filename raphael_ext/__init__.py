@@ -28,7 +28,7 @@ def _check_torch_version() -> None:
 _check_torch_version()
 
 from . import nn, ops  # noqa: E402
-from .info import build_info  # noqa: E402
+from ._info import build_info  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["build_info", "nn", "ops"]

@@ -112,6 +112,16 @@ inline void check_expert_weights(std::string_view op, const at::Tensor& x, const
   check_param(op, x, b2, "b2", {E, C}, "[E, C]");
 }
 
+// B * N_x * min(E, N_y): the most (token, expert) pairs a plan can hold, known without reading the device;
+// the pairs' rows are int32 offsets of the grouped GEMMs, so it must fit in int32.
+inline int64_t routing_capacity(std::string_view op, int64_t batch, int64_t image_tokens, int64_t text_tokens,
+                                int64_t experts) {
+  const int64_t capacity = batch * image_tokens * std::min(experts, text_tokens);
+  TORCH_CHECK(capacity <= std::numeric_limits<int32_t>::max(), op, ": B * N_x * min(E, N_y) = ", capacity,
+              " routed rows exceed the int32 offsets of the grouped GEMM");
+  return capacity;
+}
+
 struct SpaceMoeShape {
   int64_t batch, image_tokens, text_tokens, channels, hidden, experts;
   int64_t capacity;  // B * N_x * min(E, N_y): most pairs possible, known without reading the device
@@ -141,10 +151,7 @@ inline SpaceMoeShape check_space_moe_args(const at::Tensor& x, const at::Tensor&
     check_same_device(op, x, "x", *text_lengths, "text_lengths");
     check_shape(op, *text_lengths, "text_lengths", {B}, "[B]");
   }
-  const int64_t capacity = B * N_x * std::min(E, N_y);
-  TORCH_CHECK(capacity <= std::numeric_limits<int32_t>::max(), op, ": B * N_x * min(E, N_y) = ", capacity,
-              " routed rows exceed the int32 offsets of the grouped GEMM");
-  return {B, N_x, N_y, C, F, E, capacity};
+  return {B, N_x, N_y, C, F, E, routing_capacity(op, B, N_x, N_y, E)};
 }
 
 // Host copy of the offsets, checked: non-decreasing row ends within [0, rows]. On a GPU this copy
@@ -263,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_moe_plan_op(
   }
   TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
   MoePlan plan = Backend::plan(mask, route, gate, text_lengths, num_experts,
-                               B * mask.size(1) * std::min(num_experts, N_y));
+                               routing_capacity(op, B, mask.size(1), N_y, num_experts));
   return {plan.offsets, plan.pair_index, plan.weight, plan.z};
 }
 

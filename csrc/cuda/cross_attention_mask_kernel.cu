@@ -1,7 +1,7 @@
 // CUDA kernels of cross_attention_mask (SPEC §3.1). Nothing here allocates [B, H, N_x, N_y].
 //
 // Forward (one block per tile of query rows of one sample, 4 warps, each warp owns 16 rows, or 8 rows
-// on the SIMT path): the block loops over the heads; all keys and values of a head sit in shared
+// on the SIMT path, 4 where 8 would exceed the GPU's shared memory per block): the block loops over the heads; all keys and values of a head sit in shared
 // memory (N_y <= 128), so each row's softmax is final after one pass. Scores and P·V are tensor-core
 // products (WMMA, fp32 accumulation) for float16/bfloat16 on sm_80+, SIMT fp32 FMAs for float32. The
 // head mean accumulates in shared memory with no atomics (each warp owns its rows), is rounded to the
@@ -31,7 +31,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <string_view>
 
 namespace raphael_ext {
 namespace {
@@ -217,13 +220,14 @@ __device__ void warp_attend_values(scalar_t* out, int64_t out_row_stride, const 
   }
 }
 
-template <typename scalar_t, int kHeadDim, bool kTensorCores>
+// Grid: one block per (sample, tile of query rows), both on x (x takes 2^31 - 1 blocks, y only 65535).
+template <typename scalar_t, int kHeadDim, bool kTensorCores, int kRowsPerWarp>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                    scalar_t* __restrict__ out, scalar_t* __restrict__ attn_map, float* __restrict__ lse,
                    float* __restrict__ column_max, const int* __restrict__ lengths, RowStrides qs, RowStrides ks,
                    RowStrides vs, int heads, int queries, int keys, float scale, bool vector_loads) {
-  constexpr int kRowsPerWarp = kTensorCores ? 16 : 8;
+  static_assert(!kTensorCores || kRowsPerWarp == 16, "a WMMA tile has 16 rows");
   constexpr int kBlockRows = kWarps * kRowsPerWarp;
   extern __shared__ __align__(128) unsigned char smem[];
   const ForwardSmem L = forward_smem(keys, kHeadDim, sizeof(scalar_t), kTensorCores, kBlockRows);
@@ -235,8 +239,9 @@ __global__ void __launch_bounds__(kThreads)
   float* o_tile = s_tile;
   float* map_acc = reinterpret_cast<float*>(smem + L.m_off);
 
-  const int b = blockIdx.y;
-  const int row0 = blockIdx.x * kBlockRows;
+  const int row_tiles = (queries + kBlockRows - 1) / kBlockRows;
+  const int b = blockIdx.x / row_tiles;
+  const int row0 = blockIdx.x % row_tiles * kBlockRows;
   const int block_rows = min(kBlockRows, queries - row0);
   const int nv = valid_keys(lengths, b, keys);
   const int key_tiles = (nv + 15) / 16;
@@ -353,25 +358,46 @@ bool rows_vector_aligned(const at::Tensor& t) {
          t.stride(2) % vec == 0;
 }
 
+// Shared memory a block may use: the device's opt-in limit, or less where the environment variable
+// RAPHAEL_EXT_MAX_SMEM_PER_BLOCK (bytes) says so. The tests set it to run, on a large GPU, the paths
+// that GPUs with less shared memory take (an A100 has 163 KiB per block, sm_86/89 99 KiB, Hopper 227 KiB).
+size_t smem_per_block_limit() {
+  size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  if (const char* cap = std::getenv("RAPHAEL_EXT_MAX_SMEM_PER_BLOCK"); cap != nullptr && *cap != '\0') {
+    limit = std::min<size_t>(limit, std::strtoull(cap, nullptr, 10));
+  }
+  return limit;
+}
+
 template <typename Kernel>
-void set_dynamic_smem(Kernel kernel, size_t bytes) {
+void set_dynamic_smem(std::string_view op, Kernel kernel, size_t bytes) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= prop->sharedMemPerBlockOptin, kOp, ": needs ", bytes, " bytes of shared memory per block, the ",
-              prop->name, " offers ", prop->sharedMemPerBlockOptin);
+  TORCH_CHECK(bytes <= smem_per_block_limit(), op, ": needs ", bytes, " bytes of shared memory per block, the ",
+              prop->name, " offers ", smem_per_block_limit());
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <typename scalar_t, int kHeadDim, bool kTensorCores>
+void check_grid_x(std::string_view op, int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": the input needs ", blocks,
+              " thread blocks, more than one CUDA grid holds (2^31 - 1)");
+}
+
+size_t forward_smem_bytes(const CrossAttentionArgs& a, int elem_bytes, bool tensor_cores, int rows_per_warp) {
+  return forward_smem(a.keys, a.head_dim, elem_bytes, tensor_cores, kWarps * rows_per_warp).bytes;
+}
+
+template <typename scalar_t, int kHeadDim, bool kTensorCores, int kRowsPerWarp>
 void launch_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
                     const CrossAttentionArgs& a, at::Tensor& out, at::Tensor& attn_map, at::Tensor& lse,
                     at::Tensor& column_max) {
-  constexpr int kBlockRows = kWarps * (kTensorCores ? 16 : 8);
+  constexpr int kBlockRows = kWarps * kRowsPerWarp;
   const ForwardSmem L = forward_smem(a.keys, kHeadDim, sizeof(scalar_t), kTensorCores, kBlockRows);
-  auto kernel = forward_kernel<scalar_t, kHeadDim, kTensorCores>;
-  set_dynamic_smem(kernel, L.bytes);
+  auto kernel = forward_kernel<scalar_t, kHeadDim, kTensorCores, kRowsPerWarp>;
+  set_dynamic_smem(kOp, kernel, L.bytes);
   const bool vector_loads = rows_vector_aligned(q) && rows_vector_aligned(k) && rows_vector_aligned(v);
-  const dim3 grid((a.queries + kBlockRows - 1) / kBlockRows, a.batch);
-  kernel<<<grid, kThreads, L.bytes, at::cuda::getCurrentCUDAStream()>>>(
+  const int64_t blocks = (a.queries + kBlockRows - 1) / kBlockRows * a.batch;
+  check_grid_x(kOp, blocks);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, L.bytes, at::cuda::getCurrentCUDAStream()>>>(
       q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
       attn_map.data_ptr<scalar_t>(), lse.data_ptr<float>(), column_max.data_ptr<float>(),
       lengths.defined() ? lengths.data_ptr<int>() : nullptr, row_strides(q), row_strides(k), row_strides(v),
@@ -392,8 +418,6 @@ void dispatch_head_dim(int64_t head_dim, Body&& body) {
 }
 
 void check_launch_limits(const CrossAttentionArgs& a) {
-  TORCH_CHECK(a.batch * a.heads <= 65535, kOp, ": the CUDA kernels take at most 65535 (sample, head) pairs per call, got ",
-              a.batch * a.heads);
   TORCH_CHECK(a.queries * a.heads * a.head_dim < (int64_t(1) << 31), kOp,
               ": N_x * H * D must stay below 2^31 per sample on CUDA, got ", a.queries * a.heads * a.head_dim);
 }
@@ -430,13 +454,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_mask_
   DISPATCH_CUDA_FLOATING_TYPES(q.scalar_type(), kOp, [&] {
     dispatch_head_dim(a.head_dim, [&](auto head_dim) {
       constexpr int kHeadDim = decltype(head_dim)::value;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        launch_forward<scalar_t, kHeadDim, false>(q, k, v, lengths, a, out, attn_map, lse, column_max);
-      } else if (at::cuda::getCurrentDeviceProperties()->major >= 8 &&
-                 built_for_sm80(forward_kernel<scalar_t, kHeadDim, true>)) {
-        launch_forward<scalar_t, kHeadDim, true>(q, k, v, lengths, a, out, attn_map, lse, column_max);
+      // Tensor cores for 16-bit types where the code and the shared memory allow; otherwise SIMT with
+      // 8 rows per warp, or 4 where 8 do not fit (A100, float32, D = 128, N_y > 112).
+      const size_t limit = smem_per_block_limit();
+      const int elem_bytes = sizeof(scalar_t);
+      bool done = false;
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        if (at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+            built_for_sm80(forward_kernel<scalar_t, kHeadDim, true, 16>) &&
+            forward_smem_bytes(a, elem_bytes, true, 16) <= limit) {
+          launch_forward<scalar_t, kHeadDim, true, 16>(q, k, v, lengths, a, out, attn_map, lse, column_max);
+          done = true;
+        }
+      }
+      if (done) return;
+      if (forward_smem_bytes(a, elem_bytes, false, 8) <= limit) {
+        launch_forward<scalar_t, kHeadDim, false, 8>(q, k, v, lengths, a, out, attn_map, lse, column_max);
       } else {
-        launch_forward<scalar_t, kHeadDim, false>(q, k, v, lengths, a, out, attn_map, lse, column_max);
+        launch_forward<scalar_t, kHeadDim, false, 4>(q, k, v, lengths, a, out, attn_map, lse, column_max);
       }
     });
     const int64_t total = attn_map.numel();
@@ -463,7 +498,8 @@ struct BackwardInputs {
 };
 
 // Kernel 1: dQ and D = rowsum(P∘dP) per (sample, head, query). K and V of the head are held in shared
-// memory as fp32 (row padding +1: lanes walking keys hit different banks).
+// memory as fp32 (row padding +1: lanes walking keys hit different banks). Grid x: (sample, head) pairs
+// times blocks of kBackwardRowsPerBlock query rows.
 template <typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
     backward_dq_kernel(BackwardInputs in, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -475,7 +511,9 @@ __global__ void __launch_bounds__(kThreads)
   float* k_tile = reinterpret_cast<float*>(smem);
   float* v_tile = k_tile + keys * kLd;
   float* warp_buffers = v_tile + keys * kLd;  // per warp: q row, dO row, dS row
-  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int row_blocks = (queries + kBackwardRowsPerBlock - 1) / kBackwardRowsPerBlock;
+  const int bh = blockIdx.x / row_blocks, b = bh / heads, h = bh % heads;
+  const int row_block = blockIdx.x % row_blocks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* q_row = warp_buffers + warp * (2 * kHeadDim + kMaxTextTokens);
   float* go_row = q_row + kHeadDim;
@@ -492,8 +530,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  const int row_end = min(queries, (blockIdx.x + 1) * kBackwardRowsPerBlock);
-  for (int i = blockIdx.x * kBackwardRowsPerBlock + warp; i < row_end; i += kWarps) {
+  const int row_end = min(queries, (row_block + 1) * kBackwardRowsPerBlock);
+  for (int i = row_block * kBackwardRowsPerBlock + warp; i < row_end; i += kWarps) {
     const int64_t lse_idx = int64_t(bh) * queries + i;
     scalar_t* dq_row = dq + ((int64_t(b) * queries + i) * heads + h) * kHeadDim;
     if (nv == 0) {
@@ -543,8 +581,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Kernel 2: partial dK and dV of kKeysPerWarp keys per warp over the query slice of blockIdx.z;
-// lanes hold the head dimension, so every product is a warp reduction.
+// Kernel 2: partial dK and dV of kKeysPerWarp keys per warp over the query slice of blockIdx.y;
+// lanes hold the head dimension, so every product is a warp reduction. Grid x: (sample, head) pairs
+// times blocks of kKeysPerBlock keys.
 template <typename scalar_t, int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
     backward_dkv_kernel(BackwardInputs in, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -553,9 +592,10 @@ __global__ void __launch_bounds__(kThreads)
                         float* __restrict__ dk_partial, float* __restrict__ dv_partial, int batch, int heads,
                         int queries, int keys, int rows_per_slice, float scale) {
   constexpr int kPerLane = kHeadDim / 32;
-  const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  const int key_blocks = (keys + kKeysPerBlock - 1) / kKeysPerBlock;
+  const int bh = blockIdx.x / key_blocks, b = bh / heads, h = bh % heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int key0 = blockIdx.x * kKeysPerBlock + warp * kKeysPerWarp;
+  const int key0 = blockIdx.x % key_blocks * kKeysPerBlock + warp * kKeysPerWarp;
   const int nv = valid_keys(lengths, b, keys);
   const auto* grad_out = static_cast<const scalar_t*>(in.grad_out);
   const auto* grad_map = static_cast<const scalar_t*>(in.grad_map);
@@ -572,7 +612,7 @@ __global__ void __launch_bounds__(kThreads)
       vr[kk][c] = static_cast<float>(v[b * in.vs.b + h * in.vs.h + j * in.vs.row + lane + 32 * c]);
     }
   }
-  const int row_begin = blockIdx.z * rows_per_slice;
+  const int row_begin = blockIdx.y * rows_per_slice;
   const int row_end = min(queries, row_begin + rows_per_slice);
   if (key0 < nv) {
     for (int i = row_begin; i < row_end; ++i) {
@@ -608,7 +648,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const int64_t slice_offset = (int64_t(blockIdx.z) * batch * heads + bh) * keys;
+  const int64_t slice_offset = (int64_t(blockIdx.y) * batch * heads + bh) * keys;
 #pragma unroll
   for (int kk = 0; kk < kKeysPerWarp; ++kk) {
     const int j = key0 + kk;
@@ -652,9 +692,10 @@ void launch_backward(const at::Tensor& go, const at::Tensor& gm, const at::Tenso
 
   const size_t dq_smem = (2 * size_t(keys) * (kHeadDim + 1) + kWarps * (2 * kHeadDim + kMaxTextTokens)) * sizeof(float);
   auto dq_kernel = backward_dq_kernel<scalar_t, kHeadDim>;
-  set_dynamic_smem(dq_kernel, dq_smem);
-  const dim3 dq_grid((a.queries + kBackwardRowsPerBlock - 1) / kBackwardRowsPerBlock, a.batch * a.heads);
-  dq_kernel<<<dq_grid, kThreads, dq_smem, stream>>>(in, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+  set_dynamic_smem(kBackwardOp, dq_kernel, dq_smem);
+  const int64_t dq_blocks = (a.queries + kBackwardRowsPerBlock - 1) / kBackwardRowsPerBlock * a.batch * a.heads;
+  check_grid_x(kBackwardOp, dq_blocks);
+  dq_kernel<<<static_cast<unsigned>(dq_blocks), kThreads, dq_smem, stream>>>(in, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                                     v.data_ptr<scalar_t>(), lse.data_ptr<float>(), len,
                                                     dq.data_ptr<scalar_t>(), delta.data_ptr<float>(), heads, queries,
                                                     keys, scale);
@@ -670,7 +711,8 @@ void launch_backward(const at::Tensor& go, const at::Tensor& gm, const at::Tenso
   const int rows_per_slice = static_cast<int>((a.queries + slices - 1) / slices);
   at::Tensor dk_partial = at::empty({slices, a.batch, a.heads, a.keys, a.head_dim}, q.options().dtype(at::kFloat));
   at::Tensor dv_partial = at::empty_like(dk_partial);
-  const dim3 dkv_grid(key_blocks, a.batch * a.heads, slices);
+  check_grid_x(kBackwardOp, key_blocks * a.batch * a.heads);
+  const dim3 dkv_grid(static_cast<unsigned>(key_blocks * a.batch * a.heads), slices);
   backward_dkv_kernel<scalar_t, kHeadDim><<<dkv_grid, kThreads, 0, stream>>>(
       in, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), lse.data_ptr<float>(),
       delta.data_ptr<float>(), len, dk_partial.data_ptr<float>(), dv_partial.data_ptr<float>(),

@@ -23,7 +23,9 @@ def grouped_gemm(
         activation: None or "gelu" (exact erf GELU, F.gelu's default).
 
     Returns c [T, N]; rows from offsets[E-1] on are zero (and pass no gradient). The GPU computes in
-    float32 with one rounding to the output dtype (TF32 tensor cores for float32 on Ampere and Hopper).
+    float32 with one rounding to the output dtype. float32 inputs run on TF32 tensor cores only where
+    PyTorch's float32 matmuls may (`torch.backends.cuda.matmul.allow_tf32`, or
+    `torch.set_float32_matmul_precision("high")`); by default they run in full float32 precision.
     With activation="gelu" the backward recomputes the pre-activation with one more grouped GEMM
     instead of keeping a [T, N] buffer alive between the passes.
     """
