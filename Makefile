@@ -12,7 +12,7 @@ RAPHAEL_EXT_CUDA ?= auto
 export MAX_JOBS RAPHAEL_EXT_CUDA
 DATE := $(shell date +%Y-%m-%d)
 
-.PHONY: all deps install develop test test-cuda bench demo ablation info cmake clean
+.PHONY: all deps install install-incremental develop test test-cuda bench demo ablation info cmake clean
 
 all: install
 
@@ -24,11 +24,18 @@ $(VENV)/.deps-installed: requirements-dev.txt
 
 deps: $(VENV)/.deps-installed
 
-## install: build raphael_ext (C++ always, CUDA when nvcc is present) and install it into .venv
+## install: `pip install .` as users type it (isolated build against pyproject.toml's torch), into .venv
 install: deps
 	@mkdir -p build
-	@echo "building raphael_ext (log: build/pip-install.log)"
-	@$(PY) -m pip install -v --no-build-isolation --no-deps . > build/pip-install.log 2>&1 \
+	@echo "building raphael_ext with pip install . (log: build/pip-install.log)"
+	@RAPHAEL_EXT_BUILD_QUIET=1 $(PY) -m pip install -v . > build/pip-install.log 2>&1 \
+		|| { tail -n 60 build/pip-install.log; echo "raphael_ext build failed, see build/pip-install.log"; exit 1; }
+	@grep "\[raphael_ext build\]" build/pip-install.log | awk '!seen[$$0]++' || true
+
+## install-incremental: rebuild against .venv's own torch, recompiling only what changed (kernel work)
+install-incremental: deps
+	@mkdir -p build
+	@RAPHAEL_EXT_BUILD_QUIET=1 $(PY) -m pip install -v --no-build-isolation --no-deps . > build/pip-install.log 2>&1 \
 		|| { tail -n 60 build/pip-install.log; echo "raphael_ext build failed, see build/pip-install.log"; exit 1; }
 	@grep "\[raphael_ext build\]" build/pip-install.log | awk '!seen[$$0]++' || true
 

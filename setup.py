@@ -1,9 +1,11 @@
 """Builds raphael_ext._C: C++ CPU kernels always, CUDA kernels when nvcc and a CUDA build of torch are present.
 
-The extension is compiled against the torch of the environment running this build, so build with
-    pip install --no-build-isolation .
-(pip's default isolated build has no torch and stops below with that advice). Build switches,
-printed at build time:
+    pip install .                          # isolated build against the torch pinned in pyproject.toml
+    pip install --no-build-isolation .     # build against the torch already installed (a nightly, another CUDA)
+
+Either way the package requires exactly the torch it was compiled against (torch==<version> is added to its
+dependencies here), so pip never pairs the module with another torch. Build switches, printed at build time
+(also without pip's -v, on the terminal):
     RAPHAEL_EXT_CUDA      auto (default: CUDA kernels when possible) | 0 (CPU only) |
                           1 (CUDA kernels and CUTLASS required: a build without them is an error)
     TORCH_CUDA_ARCH_LIST  GPU archs; default: the visible GPUs (a Hopper GPU as 9.0a, which its wgmma
@@ -22,10 +24,28 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0a"
+# Besides torch (pinned to the build's version in build_extension). Pinned versions for CI: requirements-dev.txt.
+RUNTIME_REQUIREMENTS = ["numpy", "safetensors", "tqdm", "pillow", "open_clip_torch", "diffusers"]
+
+
+def _terminal():
+    """pip shows a build's output only with -v; where a terminal is attached, the build's summary goes there too."""
+    if sys.stderr.isatty() or os.environ.get("RAPHAEL_EXT_BUILD_QUIET"):
+        return None
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return None
+
+
+TERMINAL = _terminal()
 
 
 def log(message: str) -> None:
-    print(f"[raphael_ext build] {message}", file=sys.stderr, flush=True)
+    line = f"[raphael_ext build] {message}"
+    print(line, file=sys.stderr, flush=True)
+    if TERMINAL is not None:
+        print(line, file=TERMINAL, flush=True)
 
 
 def import_torch():
@@ -33,10 +53,9 @@ def import_torch():
         import torch
     except ImportError:
         raise RuntimeError(
-            "\n\nraphael_ext compiles its C++/CUDA kernels against the torch installed in your environment, "
-            "but this build cannot import torch (pip's isolated build environment does not contain it).\n"
-            "Install torch first, then build without isolation:\n\n"
-            "    pip install --no-build-isolation .\n"
+            "\n\nraphael_ext compiles its C++/CUDA kernels against torch, but this build cannot import it. "
+            "`pip install .` brings the torch of pyproject.toml into its isolated build; a build without isolation "
+            "(--no-build-isolation, setup.py directly) needs torch installed first.\n"
         ) from None
     return torch
 
@@ -147,6 +166,11 @@ def build_extension():
     log(f"CUTLASS headers: {cutlass[0] if cutlass else 'not found (pip install nvidia-cutlass)'}"
         + ("" if with_cuda else " (unused without CUDA)"))
     log(f"MAX_JOBS={os.environ.get('MAX_JOBS', '(ninja default)')}")
+    if with_cuda:
+        log("expect minutes: CUDA + CUTLASS for 8.0;9.0a took 7 min with 2 cores (MAX_JOBS=2), about 2 with 16; "
+            "the Hopper grouped GEMM files are the long ones")
+    else:
+        log("expect about 2 minutes with 2 cores (C++ only)")
 
     extension_type = CUDAExtension if with_cuda else CppExtension
     extension = extension_type(
@@ -156,12 +180,15 @@ def build_extension():
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    torch_requirement = f"torch=={torch.__version__.split('+')[0]}"
+    log(f"the package will require {torch_requirement} (the torch it is compiled against)")
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, torch_requirement
 
 
-ext_modules, cmdclass = build_extension()
+ext_modules, cmdclass, torch_requirement = build_extension()
 setup(
     packages=find_packages(include=["raphael_ext", "raphael_ext.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    install_requires=[torch_requirement, *RUNTIME_REQUIREMENTS],
 )

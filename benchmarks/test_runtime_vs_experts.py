@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("open_clip", reason="the model imports the text encoder module (open_clip_torch)")
 pytest.importorskip("diffusers", reason="the DDIM step comes from diffusers")
 
 import raphael_ext.nn as rnn  # noqa: E402

@@ -11,7 +11,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on how the package was installed
     raise ImportError(
         f"raphael_ext's native extension failed to load ({error}). It must be built against the torch "
-        f"installed here ({torch.__version__}): reinstall with `pip install --no-build-isolation .`"
+        f"installed here ({torch.__version__}): reinstall with `pip install --no-build-isolation --force-reinstall .`"
     ) from error
 
 
@@ -20,8 +20,8 @@ def _check_torch_version() -> None:
     running = torch.__version__.split("+")[0]
     if built != running:
         raise ImportError(
-            f"raphael_ext was built against torch {built} but torch {running} is installed; "
-            "rebuild it with `pip install --no-build-isolation .`"
+            f"raphael_ext was built against torch {built} but torch {running} is installed: install torch=={built}, "
+            "or rebuild raphael_ext against this torch with `pip install --no-build-isolation --force-reinstall .`"
         )
 
 

@@ -6,10 +6,10 @@ nothing is downloaded. A `.bin`/`.pt` checkpoint is a pickle and is refused: con
 trust, with `safetensors.torch.save_file(torch.load(path, weights_only=True), "open_clip_model.safetensors")`.
 """
 
+import importlib
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
-import open_clip
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -23,11 +23,21 @@ TEXT_CONFIGS = {
 }
 
 
+def _open_clip():
+    """open_clip, imported when a text tower is built: the rest of the model (U-Net, pipeline with precomputed
+    states, benchmarks) works without open_clip_torch installed."""
+    try:
+        return importlib.import_module("open_clip")
+    except ImportError as error:
+        raise ImportError("OpenCLIPTextEncoder needs open_clip_torch (pip install open_clip_torch)") from error
+
+
 def text_config(name: str) -> Tuple[dict, int]:
     """(text_cfg, embed_dim) of a preset name or any open_clip model name."""
     if name in TEXT_CONFIGS and TEXT_CONFIGS[name] is not None:
         cfg = dict(TEXT_CONFIGS[name])
         return cfg, cfg["width"]
+    open_clip = _open_clip()
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(f"OpenCLIPTextEncoder: unknown text config {name!r}; use one of {sorted(TEXT_CONFIGS)} or an "
@@ -52,6 +62,7 @@ class OpenCLIPTextEncoder(nn.Module):
         cfg, embed_dim = text_config(name)
         cfg["output_tokens"] = True
         self.name = name
+        open_clip = _open_clip()
         self.tower = open_clip.model._build_text_tower(embed_dim, cfg)
         self.context_length = cfg["context_length"]
         self.width = cfg["width"]
