@@ -25,7 +25,8 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0a"
 # Besides torch (pinned to the build's version in build_extension). Pinned versions for CI: requirements-dev.txt.
-RUNTIME_REQUIREMENTS = ["numpy", "safetensors", "tqdm", "pillow", "open_clip_torch", "diffusers"]
+RUNTIME_REQUIREMENTS = ["numpy", "safetensors", "tqdm", "pillow", "open_clip_torch", "diffusers", "transformers",
+                        "peft"]
 
 
 def _terminal():

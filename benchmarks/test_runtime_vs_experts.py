@@ -20,11 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("diffusers", reason="the DDIM step comes from diffusers")
-
-import raphael_ext.nn as rnn  # noqa: E402
-from raphael_ext.model import RaphaelConfig, RaphaelUNet  # noqa: E402
-from raphael_ext.pipeline import default_scheduler  # noqa: E402
+import raphael_ext.nn as rnn
+from raphael_ext import RaphaelUNet
+from raphael_ext.pipelines.pipeline_raphael import default_scheduler
 
 CUDA = torch.cuda.is_available()
 EXPERTS = list(range(9))
@@ -91,9 +89,9 @@ def routed_rows(out, text_lengths, alpha):
 def test_ddim_step_vs_space_experts(run, benchmark, case, experts, provider):
     device, dtype, preset = case
     torch.manual_seed(0)
-    config = RaphaelConfig.preset(preset, space_experts=experts, gradient_checkpointing=False)
     with torch.device(device):
-        unet = RaphaelUNet(config).to(dtype).eval()
+        unet = RaphaelUNet.from_preset(preset, space_experts=experts, gradient_checkpointing=False).to(dtype).eval()
+    config = unet.config
     scheduler = default_scheduler(unet)
     scheduler.set_timesteps(50, device=device)
     t = scheduler.timesteps[25]

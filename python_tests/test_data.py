@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raphael_ext.data import COLORS, FolderDataset, ShapesDataset, relation
+from raphael_ext.training.data import COLORS, FolderDataset, ShapesDataset, relation
 
 
 def test_items_are_deterministic_and_seed_dependent():
@@ -84,7 +84,7 @@ def test_folder_dataset(tmp_path):
 
 
 def test_judge_is_accurate_on_renders_and_rejects_wrong_scenes():
-    from raphael_ext.judge import judge_accuracy, judge_image
+    from raphael_ext.evaluation.judge import judge_accuracy, judge_image
 
     data = ShapesDataset(300, 32, seed=11)
     assert judge_accuracy(data, 300) >= 0.95

@@ -1,23 +1,18 @@
-"""The RAPHAEL model, text encoder, edge targets, pipeline and path pictures (issue: the thin RAPHAEL model)."""
+"""The RAPHAEL U-Net (a diffusers model), text encoder and tokenizer, edge maps, and the old-folder conversion."""
 
 import json
-
-import numpy as np
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-pytest.importorskip("open_clip", reason="the text encoder needs open_clip_torch (not on the GPU device image)")
-pytest.importorskip("diffusers", reason="the pipeline needs diffusers (not on the GPU device image)")
-
-from raphael_ext.edges import HEDDetector, sobel_edges  # noqa: E402
-from raphael_ext.model import RaphaelConfig, RaphaelUNet  # noqa: E402
-from raphael_ext.text import OpenCLIPTextEncoder  # noqa: E402
+from raphael_ext import OpenCLIPTextEncoder, RaphaelUNet
+from raphael_ext.models.edges import HEDDetector, canny_edges, sobel_edges
+from raphael_ext.models.text_encoder import openclip_tokenizer, tokenize
 
 
 def tiny(**overrides):
-    return RaphaelConfig.preset("tiny", **overrides)
+    return RaphaelUNet.from_preset("tiny", **overrides)
 
 
 def inputs(config, batch=2, seed=0, lengths=(5, 9)):
@@ -30,9 +25,9 @@ def inputs(config, batch=2, seed=0, lengths=(5, 9)):
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_presets_forward_shapes(preset):
-    config = RaphaelConfig.preset(preset)
     with torch.device("meta" if preset != "tiny" else "cpu"):
-        model = RaphaelUNet(config)
+        model = RaphaelUNet.from_preset(preset)
+        config = model.config
         x, t, text, lengths = (a.to("meta" if preset != "tiny" else "cpu") for a in inputs(config))
         out = model(x, t, text, lengths)
     assert out.sample.shape == x.shape
@@ -44,9 +39,9 @@ def test_presets_forward_shapes(preset):
 
 
 def test_paper_preset_on_meta():
-    config = RaphaelConfig.preset("paper")
     with torch.device("meta"):
-        model = RaphaelUNet(config)
+        model = RaphaelUNet.from_preset("paper")
+    config = model.config
     assert model.num_transformer_blocks == 16
     assert config.space_experts == 6 and config.time_experts == 4 and config.text_dim == 1024
     assert 2.5e9 <= model.num_parameters() <= 3.5e9, model.num_parameters()
@@ -59,7 +54,7 @@ def test_paper_preset_on_meta():
 def untrained_but_connected(model):
     """proj_out starts at zero (each transformer starts as the identity), which also zeroes every gradient
     inside the blocks at step 0; give it small weights so gradients can be checked."""
-    from raphael_ext.model import SpatialTransformer
+    from raphael_ext.models.unet import SpatialTransformer
 
     for m in model.modules():
         if isinstance(m, SpatialTransformer):
@@ -69,7 +64,7 @@ def untrained_but_connected(model):
 
 def test_gradients_reach_gates_and_used_experts():
     torch.manual_seed(0)
-    model = untrained_but_connected(RaphaelUNet(tiny(gate_noise=0.0)))
+    model = untrained_but_connected(tiny(gate_noise=0.0))
     x, t, text, lengths = inputs(model.config)
     out = model(x, t, text, lengths)
     loss = out.sample.square().mean() + out.edge_logits.square().mean()
@@ -82,13 +77,13 @@ def test_gradients_reach_gates_and_used_experts():
     for name, module in model.named_modules():
         if name.endswith("space_moe"):
             used = out.space_routes[block_index][torch.arange(model.config.text_tokens) < lengths[:, None]].unique()
-            w1 = module.experts[0]
+            w1 = module.experts.w1
             assert all(w1.grad[k].abs().sum() > 0 for k in used.tolist()), (name, used)
             block_index += 1
 
 
 def test_eval_routing_is_deterministic():
-    model = RaphaelUNet(tiny(gate_noise=0.5)).eval()
+    model = tiny(gate_noise=0.5).eval()
     x, t, text, lengths = inputs(model.config)
     with torch.no_grad():
         a, b = model(x, t, text, lengths), model(x, t, text, lengths)
@@ -99,7 +94,7 @@ def test_eval_routing_is_deterministic():
 
 @pytest.mark.parametrize("switch", ["use_space_moe", "use_time_moe", "use_edge"])
 def test_ablation_switches_remove_layers(switch):
-    model = RaphaelUNet(tiny(**{switch: False}))
+    model = tiny(**{switch: False})
     names = [n for n, _ in model.named_parameters()]
     part = {"use_space_moe": "space_moe.", "use_time_moe": "time_moe.", "use_edge": "edge_head."}[switch]
     assert not any(part in n for n in names)
@@ -113,7 +108,7 @@ def test_ablation_switches_remove_layers(switch):
 
 @pytest.mark.parametrize("experts", range(0, 9))
 def test_any_number_of_space_experts(experts):
-    model = RaphaelUNet(tiny(space_experts=experts, time_experts=min(experts, 4)))
+    model = tiny(space_experts=experts, time_experts=min(experts, 4))
     out = model(*inputs(model.config))
     assert torch.isfinite(out.sample).all()
     if experts:
@@ -122,12 +117,12 @@ def test_any_number_of_space_experts(experts):
 
 def test_gradient_checkpointing_matches():
     torch.manual_seed(0)
-    model = untrained_but_connected(RaphaelUNet(tiny(gate_noise=0.0)))
+    model = untrained_but_connected(tiny(gate_noise=0.0))
     x, t, text, lengths = inputs(model.config)
     grads = []
     for enabled in (False, True):
         model.zero_grad()
-        model.set_gradient_checkpointing(enabled)
+        model.enable_gradient_checkpointing() if enabled else model.disable_gradient_checkpointing()
         model(x, t, text, lengths).sample.square().mean().backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):
@@ -136,27 +131,94 @@ def test_gradient_checkpointing_matches():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = RaphaelUNet(tiny()).eval()
+    model = tiny().eval()
     model.save_pretrained(tmp_path / "unet")
-    assert json.loads((tmp_path / "unet" / "config.json").read_text())["space_experts"] == 6
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["_class_name"] == "RaphaelUNet" and config["space_experts"] == 6
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = RaphaelUNet.from_pretrained(tmp_path / "unet").eval()
     x, t, text, lengths = inputs(model.config)
     with torch.no_grad():
         assert torch.equal(model(x, t, text, lengths).sample, loaded(x, t, text, lengths).sample)
-    assert not list((tmp_path / "unet").glob("*.tmp"))
-    with pytest.raises(FileNotFoundError):
+    half = RaphaelUNet.from_pretrained(tmp_path / "unet", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = half(x.bfloat16(), t, text.bfloat16(), lengths).sample
+    torch.testing.assert_close(out.float(), model(x, t, text, lengths).sample, atol=0.05, rtol=0.05)
+    with pytest.raises(OSError):
         RaphaelUNet.from_pretrained(tmp_path / "missing")
 
 
+def write_legacy_unet(model, folder):
+    """`model` as raphael_ext 0.1 wrote it: RaphaelConfig's config.json and model.safetensors with the fused self-attention
+    projection (qkv, proj) and the expert parameter lists (experts.0..3)."""
+    from raphael_ext.models.unet import LEGACY_EXPERT_NAMES
+
+    state = model.state_dict()
+    legacy = {}
+    for key, value in state.items():
+        if ".self_attn.to_q." in key:
+            prefix = key.split("self_attn.")[0]
+            legacy[f"{prefix}qkv.weight"] = torch.cat([state[f"{prefix}self_attn.{n}.weight"] for n in ("to_q", "to_k", "to_v")])
+        elif ".self_attn.to_k." in key or ".self_attn.to_v." in key:
+            continue
+        elif ".self_attn.to_out.0." in key:
+            legacy[key.replace(".self_attn.to_out.0.", ".proj.")] = value
+        elif ".experts." in key:
+            old = {v: k for k, v in LEGACY_EXPERT_NAMES.items()}[key.rsplit(".", 1)[1]]
+            legacy[f"{key.rsplit('.', 1)[0]}.{old}"] = value
+        else:
+            legacy[key] = value
+    folder.mkdir(parents=True)
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    (folder / "config.json").write_text(json.dumps({**config, "text_encoder": "tiny"}))
+    save_file(legacy, str(folder / "model.safetensors"))
+
+
+def test_legacy_folder_loads_with_renamed_weights(tmp_path):
+    """A raphael_ext 0.1 folder gives the same outputs as the model it was written from."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    write_legacy_unet(model, tmp_path / "unet_ema")
+    loaded = RaphaelUNet.from_pretrained(tmp_path / "unet_ema").eval()
+    x, t, text, lengths = inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text, lengths).sample, loaded(x, t, text, lengths).sample)
+
+
+def test_convert_turns_a_legacy_run_into_a_pipeline(tmp_path):
+    """python -m raphael_ext convert RUN OUT: the run's EMA U-Net and the random text tower it saved become a
+    pipeline folder whose text encoder is that tower."""
+    import subprocess
+    import sys
+
+    from raphael_ext import RaphaelPipeline
+
+    torch.manual_seed(0)
+    model = tiny().eval()
+    write_legacy_unet(model, tmp_path / "run" / "unet_ema")
+    tower = OpenCLIPTextEncoder("tiny")
+    save_file({f"text.{k}": v for k, v in tower.tower.state_dict().items()},
+              str(tmp_path / "run" / "text_encoder.safetensors"))
+    subprocess.run([sys.executable, "-P", "-m", "raphael_ext", "convert", str(tmp_path / "run"),
+                    str(tmp_path / "pipeline")], check=True, capture_output=True)
+    pipe = RaphaelPipeline.from_pretrained(tmp_path / "pipeline")
+    ids = tokenize(pipe.tokenizer, ["a red circle"])
+    assert torch.equal(pipe.text_encoder(ids)[0], tower(ids)[0])
+    x, t, text, lengths = inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(pipe.unet(x, t, text, lengths).sample, model(x, t, text, lengths).sample)
+
+
 def test_config_rejects_bad_fields():
-    with pytest.raises(ValueError, match="unknown fields"):
-        RaphaelConfig.from_dict({"channels": [64], "attention_levels": [True], "bogus": 1})
+    with pytest.raises(ValueError, match="unknown arguments"):
+        RaphaelUNet.from_preset("tiny", bogus=1)
     with pytest.raises(ValueError, match="head_dim"):
-        RaphaelConfig(channels=(96,), attention_levels=(True,), head_dim=48, norm_groups=16)
+        RaphaelUNet(channels=(96,), attention_levels=(True,), head_dim=48, norm_groups=16)
     with pytest.raises(ValueError, match="unknown preset"):
-        RaphaelConfig.preset("huge")
+        RaphaelUNet.from_preset("huge")
     with pytest.raises(ValueError, match="prediction_type"):
-        RaphaelConfig(prediction_type="noise")
+        RaphaelUNet(prediction_type="noise")
 
 
 # --- text encoder ---------------------------------------------------------------------------------------------
@@ -164,33 +226,69 @@ def test_config_rejects_bad_fields():
 
 def test_text_encoder_offline_random_weights():
     encoder = OpenCLIPTextEncoder("tiny")
-    states, lengths = encoder.encode(["a red circle to the left of a blue square", ""])
-    assert states.shape == (2, 77, 64)
+    states, lengths = encoder.encode(openclip_tokenizer(), ["a red circle to the left of a blue square", ""])
+    assert states.shape == (2, 77, 64) and not states.requires_grad
     assert lengths.tolist()[1] == 2  # start and end tokens only
     assert lengths[0] > lengths[1]
-    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_tokenizer_gives_open_clip_ids():
+    """transformers' CLIPTokenizer with open_clip's vocabulary: open_clip's ids up to the end-of-text token, and the
+    text encoder zeroes the padding as open_clip pads."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer(context_length=77)
+    tokenizer = openclip_tokenizer()
+    prompts = ["a red circle to the left of a blue square", "Two GREEN triangles!!", "", "héllo wörld, it's 3:15pm",
+               "a " * 100, "<tag> don't 😀"]
+    ids = tokenize(tokenizer, prompts)
+    expected = reference(prompts)
+    lengths = expected.argmax(dim=-1) + 1
+    for row, want, n in zip(ids, expected, lengths):
+        assert torch.equal(row[:n], want[:n])
+    encoder = OpenCLIPTextEncoder("tiny")
+    states, got_lengths = encoder(ids)
+    assert torch.equal(got_lengths, lengths)
+    torch.testing.assert_close(states, encoder.tower(expected)[1])
+
+
+def test_text_encoder_follows_autograd_when_trainable():
+    """encode() builds a graph through a tower being fine-tuned (the old encode was always @no_grad)."""
+    encoder = OpenCLIPTextEncoder("tiny")
+    assert not encoder.trainable  # frozen when built, as the paper's tower
+    encoder.requires_grad_(True)
+    states, _ = encoder.encode(openclip_tokenizer(), ["a red circle"])
+    assert states.requires_grad
+    states.square().mean().backward()
+    assert encoder.tower.token_embedding.weight.grad.abs().sum() > 0
+    encoder.requires_grad_(False)
+    assert not encoder.encode(openclip_tokenizer(), ["a red circle"])[0].requires_grad
 
 
 def test_text_encoder_loads_text_keys_from_checkpoint(tmp_path):
     torch.manual_seed(1)
-    source = OpenCLIPTextEncoder("tiny", trainable=True)
+    source = OpenCLIPTextEncoder("tiny")
     state = {k: v.clone() for k, v in source.tower.state_dict().items()}
+    state["text_projection"] = torch.zeros(64, 64)  # the CLIP head RAPHAEL does not use
     state["visual.conv1.weight"] = torch.zeros(3)  # a full CLIP checkpoint also holds the image tower
     state["logit_scale"] = torch.ones(())
     save_file(state, str(tmp_path / "open_clip_model.safetensors"))
     torch.manual_seed(2)
-    loaded = OpenCLIPTextEncoder("tiny", checkpoint=tmp_path / "open_clip_model.safetensors")
-    tokens = loaded.tokenize(["a green triangle"])
-    assert torch.equal(source(tokens)[0], loaded(tokens)[0])
+    loaded = OpenCLIPTextEncoder.from_open_clip("tiny", tmp_path / "open_clip_model.safetensors")
+    ids = tokenize(openclip_tokenizer(), ["a green triangle"])
+    assert torch.equal(source(ids)[0], loaded(ids)[0])
+    loaded.save_pretrained(tmp_path / "text_encoder")
+    again = OpenCLIPTextEncoder.from_pretrained(tmp_path / "text_encoder")
+    assert torch.equal(again(ids)[0], loaded(ids)[0])
     save_file({"token_embedding.weight": torch.zeros(3)}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="lacks text-tower keys"):
-        OpenCLIPTextEncoder("tiny", checkpoint=tmp_path / "partial.safetensors")
+        OpenCLIPTextEncoder.from_open_clip("tiny", tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match="not a .safetensors"):
-        OpenCLIPTextEncoder("tiny", checkpoint=tmp_path / "model.bin")
+        OpenCLIPTextEncoder.from_open_clip("tiny", tmp_path / "model.bin")
 
 
 def test_paper_text_config_is_vit_g_14():
-    from raphael_ext.text import text_config
+    from raphael_ext.models.text_encoder import text_config
 
     cfg, embed_dim = text_config("ViT-g-14")
     assert (cfg["width"], cfg["layers"], cfg["context_length"], embed_dim) == (1024, 24, 77, 1024)
@@ -210,6 +308,30 @@ def test_sobel_edges_find_a_square_outline():
         sobel_edges(torch.zeros(1, 1, 8, 8))
 
 
+def test_canny_edges_are_thin_outlines():
+    """A filled square gives a closed one-pixel-wide outline (non-maximum suppression), nothing inside or outside;
+    a faint edge next to a strong one survives through hysteresis, a faint isolated one does not."""
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 8:24, 8:24] = 1.0
+    edges = canny_edges(image, sigma=0)
+    assert edges.shape == (1, 1, 32, 32) and set(edges.unique().tolist()) <= {0.0, 1.0}
+    assert edges[0, 0, 12:20, 12:20].sum() == 0 and edges[0, 0, :5].sum() == 0
+    row = edges[0, 0, 16]
+    assert 1 <= row[5:11].sum() <= 2 and 1 <= row[21:27].sum() <= 2  # thin on each side
+    # A vertical step at column 16: strong (1.0) in the top half, weak (0.2) in the bottom half.
+    mixed = torch.zeros(1, 3, 32, 32)
+    mixed[:, :, :16, 16:] = 1.0
+    mixed[:, :, 16:, 16:] = 0.2
+    weak_part = canny_edges(mixed, low=0.05, high=0.3, sigma=0)[0, 0, 20:28, 14:18]
+    assert (weak_part.sum(dim=1) >= 1).all()  # kept: connected to the strong part
+    isolated = mixed.clone()
+    isolated[:, :, :16, 16:] = 0.2  # the same weak step with no strong part
+    assert canny_edges(isolated, low=0.05, high=0.3, sigma=0).sum() == 0
+    assert canny_edges(isolated, low=0.05, high=0.1, sigma=0).sum() > 0
+    with pytest.raises(ValueError, match="low <= high"):
+        canny_edges(image, low=0.5, high=0.1)
+
+
 def test_hed_detector_loads_annotator_layout(tmp_path):
     torch.manual_seed(0)
     detector = HEDDetector()
@@ -223,60 +345,3 @@ def test_hed_detector_loads_annotator_layout(tmp_path):
     torch.testing.assert_close(edges, detector(image))
     with pytest.raises(ValueError, match="safetensors"):
         HEDDetector.from_file(tmp_path / "hed.pth")
-
-
-# --- pipeline and paths ---------------------------------------------------------------------------------------
-
-
-def test_pipeline_makes_images_and_paths(tmp_path):
-    from raphael_ext.paths import plot_attention_maps, plot_space_paths, plot_time_experts
-    from raphael_ext.pipeline import RaphaelPipeline
-
-    torch.manual_seed(0)
-    pipe = RaphaelPipeline(RaphaelUNet(tiny()), OpenCLIPTextEncoder("tiny"))
-    result = pipe(["a red circle", "a blue square above a green triangle"], height=32, width=64,
-                  num_inference_steps=3, guidance_scale=4.5, seed=0, record_paths=True, progress=False)
-    assert [im.size for im in result.images] == [(64, 32), (64, 32)]
-    paths = result.paths
-    assert len(paths.timesteps) == 3 and len(paths.space_routes[0]) == pipe.unet.num_transformer_blocks
-    assert paths.tokens[0][0] == "<start_of_text>" and paths.tokens[0][-1] == "<end_of_text>"
-    for plot, name in ((plot_space_paths, "paths.png"), (plot_time_experts, "time.png"),
-                       (plot_attention_maps, "attention.png")):
-        assert plot(paths, tmp_path / name).stat().st_size > 0
-    again = pipe(["a red circle", "a blue square above a green triangle"], height=32, width=64,
-                 num_inference_steps=3, seed=0, progress=False)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.images, again.images))
-    with pytest.raises(ValueError, match="multiples of 2"):
-        pipe("x", height=31, width=32, num_inference_steps=1, progress=False)
-
-
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
-def test_pipeline_samples_what_the_model_predicts(prediction_type):
-    from raphael_ext.pipeline import RaphaelPipeline, default_scheduler
-
-    unet = RaphaelUNet(tiny(prediction_type=prediction_type))
-    assert default_scheduler(unet).config.prediction_type == prediction_type
-    with pytest.raises(ValueError, match="scheduler expects 'epsilon'"):
-        RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"), scheduler=default_scheduler(RaphaelUNet(tiny())))
-
-
-def test_pipeline_latent_mode_with_a_local_vae(tmp_path):
-    from diffusers import AutoencoderKL
-
-    from raphael_ext.pipeline import RaphaelPipeline
-
-    torch.manual_seed(0)
-    blocks = 4  # stride 8, like Stable Diffusion's VAE
-    AutoencoderKL(block_out_channels=(32,) * blocks, down_block_types=("DownEncoderBlock2D",) * blocks,
-                  up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=32,
-                  layers_per_block=1).save_pretrained(tmp_path / "vae")
-    vae = RaphaelPipeline.load_vae(tmp_path / "vae")
-    unet = RaphaelUNet(tiny(in_channels=4, out_channels=4, sample_size=8, latent=True))
-    with pytest.raises(ValueError, match="needs a vae"):
-        RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"))
-    pipe = RaphaelPipeline(unet, OpenCLIPTextEncoder("tiny"), vae=vae)
-    images = pipe("a yellow star", num_inference_steps=2, progress=False).images
-    assert images[0].size == (64, 64)
-    vae.save_pretrained(tmp_path / "pickled_vae", safe_serialization=False)
-    with pytest.raises(Exception, match="safetensors"):  # a pickled checkpoint is refused, not loaded
-        RaphaelPipeline.load_vae(tmp_path / "pickled_vae")

@@ -40,7 +40,7 @@ def test_space_moe_layer_is_the_formula_with_unit_gates():
     expected_route = layer.gate(text).argmax(-1)
     assert torch.equal(result.route, expected_route)
     ones = torch.ones(2, 5, dtype=torch.float64)
-    expected = x + naive_space_moe(x, mask, result.route, ones, *layer.experts, lengths)
+    expected = x + naive_space_moe(x, mask, result.route, ones, *layer.experts.parameters(), lengths)
     torch.testing.assert_close(result.out, expected)
 
 
@@ -57,7 +57,7 @@ def test_space_gate_gets_gradient_through_the_chosen_probability():
     probs = torch.softmax(logits, -1)
     route = probs.argmax(-1)
     p = probs.gather(-1, route.unsqueeze(-1)).squeeze(-1)
-    manual = (x + space_moe(x, mask, route, p / p.detach(), *layer.experts)).square().sum()
+    manual = (x + space_moe(x, mask, route, p / p.detach(), *layer.experts.parameters())).square().sum()
     (g_manual,) = torch.autograd.grad(manual, layer.gate[2].bias)
     (g_layer,) = torch.autograd.grad(layer(x, text, mask).out.square().sum(), layer.gate[2].bias)
     torch.testing.assert_close(g_layer, g_manual)
@@ -94,7 +94,7 @@ def test_time_moe_layer():
     x, t_emb = torch.randn(5, 6, 16), torch.randn(5, 8)
     result = layer(x, t_emb)
     assert torch.equal(result.route, layer.gate(t_emb).argmax(-1))
-    torch.testing.assert_close(result.out, x + time_moe(x, result.route, *layer.experts))
+    torch.testing.assert_close(result.out, x + time_moe(x, result.route, *layer.experts.parameters()))
     result.out.sum().backward()
     assert layer.gate[0].weight.grad is not None and layer.gate[0].weight.grad.abs().sum() > 0
     assert result.balance_loss.shape == ()
@@ -158,7 +158,7 @@ def test_experts_run_in_the_autocast_dtype(cls):
         layer.zero_grad()
         out = layer(x, text, mask) if cls is SpaceMoE else layer(x, text[:, 0])
         out.out.square().sum().backward()
-        return out.out.detach(), [p.grad.clone() for p in layer.experts]
+        return out.out.detach(), [p.grad.clone() for p in layer.experts.parameters()]
 
     reference, reference_grads = run()
     with OpDtypes() as recorder, torch.autocast("cpu", dtype=torch.bfloat16):

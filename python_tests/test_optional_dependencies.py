@@ -1,12 +1,8 @@
-"""The U-Net, the pipeline's scheduler and the runtime study need no open_clip_torch (the GPU machine's image has
-none): only building a text tower imports it."""
+"""The U-Net, the pipeline's scheduler and the runtime study need no open_clip_torch: only building a text tower
+imports it (the GPU machine's image has no open_clip_torch unless its wheel is carried)."""
 
 import subprocess
 import sys
-
-import pytest
-
-pytest.importorskip("diffusers")
 
 BLOCK_OPEN_CLIP = """
 import sys
@@ -21,12 +17,11 @@ sys.meta_path.insert(0, BlockOpenClip())
 
 USE_MODEL = """
 import torch
-from raphael_ext.model import RaphaelConfig, RaphaelUNet
-from raphael_ext.pipeline import default_scheduler
-from raphael_ext.text import OpenCLIPTextEncoder
+from raphael_ext import OpenCLIPTextEncoder, RaphaelUNet
+from raphael_ext.pipelines.pipeline_raphael import default_scheduler
 
-config = RaphaelConfig.preset("tiny")
-unet = RaphaelUNet(config).eval()
+unet = RaphaelUNet.from_preset("tiny").eval()
+config = unet.config
 scheduler = default_scheduler(unet)
 x = torch.randn(1, config.in_channels, config.sample_size, config.sample_size)
 text = torch.randn(1, config.text_tokens, config.text_dim)

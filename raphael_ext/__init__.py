@@ -1,8 +1,13 @@
-"""raphael_ext: CUDA/C++ kernels and a thin PyTorch library for RAPHAEL (space-MoE, time-MoE, edge supervision).
+"""raphael_ext: CUDA/C++ kernels and a PyTorch library for RAPHAEL (space-MoE, time-MoE, edge supervision).
 
 Importing the package loads the native extension `raphael_ext._C`, which registers the kernels under
-`torch.ops.raphael_ext`, and then the Python side of each op (autograd and fake kernels).
+`torch.ops.raphael_ext`, and then the Python side of each op (autograd and fake kernels). The models, the pipeline
+and the trainer (diffusers-based) are imported when first used: `raphael_ext.RaphaelUNet`, `raphael_ext.RaphaelPipeline`,
+`raphael_ext.RaphaelControlNet`, `raphael_ext.OpenCLIPTextEncoder`, or their subpackages models/, pipelines/,
+training/, evaluation/.
 """
+
+import importlib
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
@@ -30,5 +35,23 @@ _check_torch_version()
 from . import nn, ops  # noqa: E402
 from ._info import build_info  # noqa: E402
 
-__version__ = "0.1.0"
-__all__ = ["build_info", "nn", "ops"]
+__version__ = "0.2.0"
+
+# Public names imported on first use (diffusers, open_clip and transformers are only loaded then).
+_LAZY = {
+    "RaphaelUNet": "raphael_ext.models.unet",
+    "RaphaelControlNet": "raphael_ext.models.controlnet",
+    "OpenCLIPTextEncoder": "raphael_ext.models.text_encoder",
+    "RaphaelPipeline": "raphael_ext.pipelines.pipeline_raphael",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'raphael_ext' has no attribute {name!r}")
+
+
+__all__ = ["build_info", "nn", "ops", *_LAZY]

@@ -1,12 +1,15 @@
-"""Command line: python -m raphael_ext {train, sample, evaluate, demo, ablation} (see --help of each).
+"""Command line: python -m raphael_ext {train, sample, evaluate, demo, ablation, convert} (see --help of each).
 
-    python -m raphael_ext train --preset tiny --data shapes --out runs/x --steps 2000
+    python -m raphael_ext train --preset tiny --data shapes --out runs/x --steps 2000      # writes runs/x/pipeline
     torchrun --nproc_per_node 2 -m raphael_ext train ...     # the same, data-parallel (DDP)
     torchrun --nproc_per_node 8 -m raphael_ext train --preset paper --vae sd/vae --fsdp ...   # latent, sharded
     python -m raphael_ext train --out runs/x --resume --steps 4000
-    python -m raphael_ext sample --ckpt runs/x/unet_ema --prompt "a red circle above a blue square" --out img.png
-    python -m raphael_ext evaluate --ckpt runs/x/unet_ema --out runs/x/eval
+    python -m raphael_ext train --init-from runs/x/pipeline --lora-rank 8 --out runs/lora   # writes runs/lora/lora
+    python -m raphael_ext train --init-from runs/x/pipeline --controlnet canny --out runs/cn
+    python -m raphael_ext sample --pipeline runs/x/pipeline --prompt "a red circle above a blue square" --out img.png
+    python -m raphael_ext evaluate --pipeline runs/x/pipeline --out runs/x/eval
     python -m raphael_ext demo --out runs/demo                  # what `make demo` runs
+    python -m raphael_ext convert runs/old runs/old/pipeline    # a run of raphael_ext 0.1 as a pipeline folder
 """
 
 import argparse
@@ -18,43 +21,48 @@ import torch
 
 
 def _train(args) -> None:
-    from .train import TrainConfig, Trainer, setup_distributed
+    from .training.distributed import setup_distributed
+    from .training.trainer import TrainConfig, Trainer
 
     setup_distributed()
     if args.resume:
         # The run's own settings, except how it is spread over the ranks (--fsdp or not) and where its VAE is.
-        trainer = Trainer.resume(args.out, steps=args.steps, fsdp=args.fsdp,
-                                 **({"vae": args.vae} if args.vae else {}))
+        trainer = Trainer.resume(args.out, steps=args.steps, fsdp=args.fsdp, **({"vae": args.vae} if args.vae else {}))
     else:
         config = TrainConfig(preset=args.preset, data=args.data, out=args.out, steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
                              text_checkpoint=args.text_checkpoint, vae=args.vae, fsdp=args.fsdp,
-                             model=json.loads(args.model))
+                             model=json.loads(args.model), init_from=args.init_from,
+                             train_text_encoder=args.train_text_encoder, text_lr=args.text_lr,
+                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_experts=args.lora_experts,
+                             controlnet=args.controlnet)
         trainer = Trainer(config)
     trainer.train()
 
 
 def _pipeline(args):
-    from .model import RaphaelUNet
-    from .pipeline import RaphaelPipeline
-    from .text import OpenCLIPTextEncoder
-
-    from .train import TEXT_ENCODER_FILE
+    from .pipelines.pipeline_raphael import RaphaelPipeline, load_vae
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = RaphaelUNet.from_pretrained(args.ckpt, device=device).eval()
-    # Default: the text tower the run trained with (saved next to unet_ema/ when it was random).
-    run_text = Path(args.ckpt).parent / TEXT_ENCODER_FILE
-    text_checkpoint = args.text_checkpoint or (run_text if run_text.is_file() else None)
-    encoder = OpenCLIPTextEncoder(unet.config.text_encoder, checkpoint=text_checkpoint).to(device)
-    vae = RaphaelPipeline.load_vae(args.vae, device=device) if args.vae else None
-    return RaphaelPipeline(unet, encoder, vae=vae)
+    pipe = RaphaelPipeline.from_pretrained(args.pipeline)
+    if args.vae:
+        pipe.register_modules(vae=load_vae(args.vae))
+    if getattr(args, "lora", None):
+        pipe.load_lora_weights(args.lora)
+        pipe.set_adapters(["default"], [args.lora_scale])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def _sample(args) -> None:
+    from PIL import Image
+
     pipe = _pipeline(args)
-    result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    control = Image.open(args.control_image) if args.control_image else None
+    result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  generator=torch.Generator().manual_seed(args.seed), control_image=control,
+                  controlnet_conditioning_scale=args.controlnet_scale)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
@@ -62,82 +70,115 @@ def _sample(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluate import evaluate
+    from .evaluation.evaluate import evaluate
 
-    metrics = evaluate(_pipeline(args), Path(args.out), count=args.count,
-                       steps=args.steps, guidance_scale=args.guidance)
+    metrics = evaluate(_pipeline(args), Path(args.out), count=args.count, steps=args.steps, guidance_scale=args.guidance)
     print(json.dumps(metrics, indent=1))
 
 
 def _demo(args) -> None:
-    from .evaluate import DEMO_STEPS, demo
+    from .evaluation.demo import DEMO_STEPS, demo
 
-    print(json.dumps(demo(Path(args.out), steps=args.steps or DEMO_STEPS, use_space_moe=not args.no_space_moe),
-                     indent=1))
+    result = demo(Path(args.out), steps=args.steps or DEMO_STEPS, use_space_moe=not args.no_space_moe)
+    print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, indent=1))
 
 
 def _ablation(args) -> None:
-    from .evaluate import DEMO_STEPS, demo
+    from .evaluation.demo import DEMO_STEPS, ablation
 
-    steps = args.steps or DEMO_STEPS
-    with_moe = demo(Path(args.out) / "space_moe", steps=steps, use_space_moe=True)
-    without = demo(Path(args.out) / "no_space_moe", steps=steps, use_space_moe=False)
-    runs = {"with_space_moe": with_moe, "without_space_moe": without}
-    report = {"steps": steps, **{name: run["alignment"] for name, run in runs.items()},
-              "alignment_stderr": {name: run["alignment_stderr"] for name, run in runs.items()},
-              "chance_alignment": with_moe["chance_alignment"],
-              "train_seconds": {name: run["train_seconds"] for name, run in runs.items()},
-              "final_loss": {name: round(sum(run["loss_curve"][-20:]) / len(run["loss_curve"][-20:]), 4)
-                             for name, run in runs.items()}}
-    (Path(args.out) / "ablation.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    print(json.dumps(ablation(Path(args.out), steps=args.steps or DEMO_STEPS), indent=1))
+
+
+def _convert(args) -> None:
+    from .pipelines.convert import convert_legacy_run
+
+    folder = convert_legacy_run(Path(args.run), Path(args.out), text_checkpoint=args.text_checkpoint, vae=args.vae)
+    print(f"wrote {folder}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m raphael_ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a RAPHAEL model")
-    train.add_argument("--preset", default="tiny")
-    train.add_argument("--data", default="shapes", help='"shapes" or a folder of images with same-name .txt captions')
-    train.add_argument("--out", required=True)
-    train.add_argument("--steps", type=int, default=None)
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--warmup-steps", type=int, default=20000)
-    train.add_argument("--checkpoint-every", type=int, default=500)
+
+    train = sub.add_parser("train", help="train a RAPHAEL U-Net (or a LoRA, or a ControlNet, on a trained pipeline)")
+    train.add_argument("--preset", default="tiny", help="model size: tiny (CPU), small (one GPU) or paper (3 B)")
+    train.add_argument("--data", default="shapes", help='"shapes" (procedural scenes) or a folder of images with '
+                                                         "same-name .txt captions")
+    train.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, samples/, pipeline/")
+    train.add_argument("--steps", type=int, default=None, help="training steps (default 1000; with --resume: the "
+                                                                 "run's own target unless given)")
+    train.add_argument("--batch-size", type=int, default=16, help="global batch, split over the ranks")
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper's 1e-4)")
+    train.add_argument("--warmup-steps", type=int, default=20000, help="linear learning-rate warm-up (the paper's)")
+    train.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     train.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0: never)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--text-checkpoint", default=None, help="local OpenCLIP .safetensors for the text tower")
+    train.add_argument("--seed", type=int, default=0, help="seed of every random draw (weights, data, noise)")
+    train.add_argument("--text-checkpoint", default=None,
+                       help="local OpenCLIP .safetensors with the preset's text tower (default: random weights)")
     train.add_argument("--vae", default=None, help="latent presets: a local diffusers AutoencoderKL folder")
-    train.add_argument("--model", default="{}", help='RaphaelConfig overrides as JSON, e.g. \'{"space_experts": 0}\'')
-    train.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
+    train.add_argument("--model", default="{}", help='RaphaelUNet overrides as JSON, e.g. \'{"space_experts": 0}\'')
+    train.add_argument("--resume", action="store_true", help="continue the newest readable checkpoint in --out")
     train.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard the model, EMA and optimizer state over the ranks (FSDP2), not DDP")
-    train.set_defaults(run=_train)
-    for name, fn in (("sample", _sample), ("evaluate", _evaluate)):
-        p = sub.add_parser(name)
-        p.add_argument("--ckpt", required=True, help="a save_pretrained folder, e.g. runs/x/unet_ema")
-        p.add_argument("--out", required=True)
-        p.add_argument("--steps", type=int, default=50)
-        p.add_argument("--guidance", type=float, default=4.5)
-        p.add_argument("--text-checkpoint", default=None)
-        p.add_argument("--vae", default=None, help="latent models: a local diffusers AutoencoderKL folder")
+    train.add_argument("--init-from", default=None, help="a pipeline folder to start from (needed by --lora-rank "
+                                                         "and --controlnet)")
+    train.add_argument("--train-text-encoder", action="store_true",
+                       help="fine-tune the text tower too (with --lora-rank: a LoRA on it)")
+    train.add_argument("--text-lr", type=float, default=None, help="the text tower's learning rate (default: --lr)")
+    train.add_argument("--lora-rank", type=int, default=0,
+                       help="train a LoRA adapter of this rank on --init-from's attention projections; saved alone "
+                            "in OUT/lora/")
+    train.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha / rank; default: rank)")
+    train.add_argument("--lora-experts", action="store_true",
+                       help="the LoRA also adapts every expert FFN (each expert its own low-rank update)")
+    train.add_argument("--controlnet", choices=["canny"], default=None,
+                       help="train a ControlNet on Canny edges of the training images, --init-from's pipeline frozen")
+    train.set_defaults(handler=_train)
+
+    for name, fn, text in (("sample", _sample, "draw images for prompts with a pipeline"),
+                           ("evaluate", _evaluate, "score a pipeline on held-out shapes prompts (the judge)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--pipeline", required=True, help="a pipeline folder, e.g. runs/x/pipeline")
+        p.add_argument("--out", required=True, help="image file" if name == "sample" else "folder for eval.json and "
+                                                                                           "samples.png")
+        p.add_argument("--steps", type=int, default=50, help="sampling steps")
+        p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+        p.add_argument("--vae", default=None, help="a local AutoencoderKL folder, for a latent pipeline saved without")
+        p.add_argument("--lora", default=None, help="a LoRA (folder or pytorch_lora_weights.safetensors) to apply")
+        p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (0: off)")
         if name == "sample":
-            p.add_argument("--prompt", action="append", required=True)
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several images)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+            p.add_argument("--control-image", default=None,
+                           help="with a ControlNet pipeline: an image whose Canny edges (or an edge map) steer it")
+            p.add_argument("--controlnet-scale", type=float, default=1.0, help="strength of the ControlNet (0: off)")
         else:
-            p.add_argument("--count", type=int, default=64)
-        p.set_defaults(run=fn)
-    for name, fn in (("demo", _demo), ("ablation", _ablation)):
-        p = sub.add_parser(name, help="train the tiny preset on shapes and evaluate it (CPU, minutes)")
-        p.add_argument("--out", default=f"runs/{name}")
-        p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
-        if name == "demo":
-            p.add_argument("--no-space-moe", action="store_true")
-        p.set_defaults(run=fn)
+            p.add_argument("--count", type=int, default=64, help="held-out prompts to score")
+        p.set_defaults(handler=fn)
+
+    demo = sub.add_parser("demo", help="train the tiny preset on shapes and score it (CPU, minutes; make demo)")
+    demo.add_argument("--out", default="runs/demo", help="folder for pipeline/, the pictures and metrics.json")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    demo.add_argument("--no-space-moe", action="store_true", help="the same run without space-MoE")
+    demo.set_defaults(handler=_demo)
+    ablation = sub.add_parser("ablation", help="the demo with and without space-MoE, scores side by side "
+                                               "(make ablation)")
+    ablation.add_argument("--out", default="runs/ablation", help="folder for both runs and ablation.json")
+    ablation.add_argument("--steps", type=int, default=None, help="training steps of each run (default: the demo's)")
+    ablation.set_defaults(handler=_ablation)
+
+    convert = sub.add_parser("convert", help="turn a raphael_ext 0.1 run folder (unet_ema/, text_encoder.safetensors) "
+                                             "into a pipeline folder")
+    convert.add_argument("run", help="the old run folder (or its unet_ema/ folder)")
+    convert.add_argument("out", help="the pipeline folder to write")
+    convert.add_argument("--text-checkpoint", default=None,
+                         help="OpenCLIP .safetensors the run trained with (default: the run's text_encoder.safetensors)")
+    convert.add_argument("--vae", default=None, help="latent runs: the local AutoencoderKL folder they used")
+    convert.set_defaults(handler=_convert)
+
     args = parser.parse_args(argv)
-    args.run(args)
+    args.handler(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """torch.nn modules built on raphael_ext.ops."""
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,18 +83,30 @@ class MoEOutput(NamedTuple):
     balance_loss: Optional[Tensor]  # Switch-style load-balancing loss (0-dim) if enabled, else None
 
 
-def _expert_parameters(num_experts: int, dim: int, hidden: int) -> nn.ParameterList:
-    """w1 [E, dim, hidden], b1 [E, hidden], w2 [E, hidden, dim], b2 [E, dim], initialised like nn.Linear."""
-    bound1, bound2 = dim**-0.5, hidden**-0.5
-    return nn.ParameterList(
-        nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
-        for shape, bound in (
-            ((num_experts, dim, hidden), bound1),
-            ((num_experts, hidden), bound1),
-            ((num_experts, hidden, dim), bound2),
-            ((num_experts, dim), bound2),
-        )
-    )
+class ExpertFFNs(nn.Module):
+    """E expert FFNs e_k(h) = GELU(h w1[k] + b1[k]) w2[k] + b2[k], stacked: w1 [E, dim, hidden], b1 [E, hidden],
+    w2 [E, hidden, dim], b2 [E, dim], initialised like nn.Linear.
+
+    forward(h, op, before, after) returns op(h, *before, w1, b1, w2, b2, *after), the expert op run with this module's
+    weights. The weights are read inside forward (not by the layer holding them) so that PEFT can adapt them: a
+    LoraConfig with target_parameters=["experts.w1", "experts.w2"] gives each expert its own rank-r update, applied
+    while this module runs (peft's ParamWrapper). Under autocast the weights are cast to the autocast dtype, as
+    nn.Linear's would be (the ops have no autocast rule and take one dtype).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        bound1, bound2 = dim**-0.5, hidden**-0.5
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden).uniform_(-bound1, bound1))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden).uniform_(-bound1, bound1))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim).uniform_(-bound2, bound2))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim).uniform_(-bound2, bound2))
+
+    def weights(self, dtype: torch.dtype) -> List[Tensor]:
+        return [w.to(dtype) for w in (self.w1, self.b1, self.w2, self.b2)]
+
+    def forward(self, h: Tensor, op, before: Sequence = (), after: Sequence = ()) -> Tensor:
+        return op(h, *before, *self.weights(h.dtype), *after)
 
 
 def _gate_ffn(in_dim: int, hidden: int, num_experts: int) -> nn.Sequential:
@@ -136,21 +148,19 @@ class _ExpertLayer(nn.Module):
         if num_experts > 0:
             self.norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
             self.gate = _gate_ffn(cond_dim, gate_hidden or cond_dim, num_experts)
-            self.experts = _expert_parameters(num_experts, dim, hidden_mult * dim)
+            self.experts = ExpertFFNs(num_experts, dim, hidden_mult * dim)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, gate_noise={self.gate_noise}, balance_loss={self.balance_loss}"
 
-    def _operands(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
-        """The expert ops' input (the pre-norm of x) and weights in one dtype: under autocast the autocast dtype,
-        as nn.Linear would run (the ops have no autocast rule, and would otherwise see LayerNorm's float32
-        output and float32 weights and run in float32), else x's."""
+    def _expert_input(self, x: Tensor) -> Tensor:
+        """The expert ops' input, the pre-norm of x: under autocast in the autocast dtype, as nn.Linear would run
+        (the ops have no autocast rule, and would otherwise see LayerNorm's float32 output and run in float32)."""
         h = self.norm(x)
         device = x.device.type  # "meta" (a model built without memory) has no autocast
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            return h.to(dtype), [w.to(dtype) for w in self.experts]
-        return h, list(self.experts)
+            return h.to(torch.get_autocast_dtype(device))
+        return h
 
 
 class SpaceMoE(_ExpertLayer):
@@ -177,8 +187,8 @@ class SpaceMoE(_ExpertLayer):
         if self.num_experts == 0:
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(text), self.gate_noise, self.training)
-        h, experts = self._operands(x)
-        out = x + space_moe(h, mask, route, gate.to(h.dtype), *experts, text_lengths)
+        h = self._expert_input(x)
+        out = x + self.experts(h, space_moe, before=(mask, route, gate.to(h.dtype)), after=(text_lengths,))
         balance = None
         if self.balance_loss:
             positions = torch.arange(route.shape[1], device=route.device)
@@ -201,10 +211,10 @@ class TimeMoE(_ExpertLayer):
         if self.num_experts == 0:
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(time_embedding), self.gate_noise, self.training)
-        h, experts = self._operands(x)
-        out = x + gate.to(h.dtype).view(-1, 1, 1) * time_moe(h, route, *experts)
+        h = self._expert_input(x)
+        out = x + gate.to(h.dtype).view(-1, 1, 1) * self.experts(h, time_moe, before=(route,))
         balance = _balance_loss(probs, route, torch.ones_like(route, dtype=torch.bool)) if self.balance_loss else None
         return MoEOutput(out, route, balance)
 
 
-__all__ = ["EdgeFocalLoss", "MaskedCrossAttention", "MoEOutput", "SpaceMoE", "TimeMoE"]
+__all__ = ["EdgeFocalLoss", "ExpertFFNs", "MaskedCrossAttention", "MoEOutput", "SpaceMoE", "TimeMoE"]

@@ -1,5 +1,6 @@
-"""Edge targets for RAPHAEL's edge supervision (SPEC §2.5): a weight-free Sobel detector (the default) and the
-HED detector of ControlNet's annotators (the paper uses HED), whose weights a user gives as a local file.
+"""Edge maps: targets for RAPHAEL's edge supervision (SPEC §2.5) and control images for the canny ControlNet (paper
+§7.8). A weight-free Sobel detector (edge supervision's default), Canny's detector (ControlNet's), and the HED detector
+of ControlNet's annotators (the paper's edge targets), whose weights a user gives as a local file.
 
 Images are float tensors [B, 3, H, W] in [0, 1]; edge maps are [B, 1, H, W] in [0, 1].
 """
@@ -31,6 +32,56 @@ def sobel_edges(images: Tensor, threshold: float = 0.1) -> Tensor:
     grad = F.conv2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), kernels)
     magnitude = grad.square().sum(dim=1, keepdim=True).sqrt() / (4 * 2**0.5)
     return (magnitude > threshold).to(images.dtype) if threshold > 0 else magnitude.clamp(0, 1)
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, int(round(2 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1))
+
+
+def canny_edges(images: Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.0) -> Tensor:
+    """Canny's detector on the luma, in torch (what ControlNet's canny annotator computes with OpenCV): Gaussian blur,
+    Sobel gradients, non-maximum suppression along the gradient direction, then hysteresis: pixels above `high`
+    (as a fraction of the largest possible gradient) are edges, and so are pixels above `low` connected to them.
+    Returns binary maps [B, 1, H, W] (float, 0 or 1); sigma = 0 skips the blur (for images of a few pixels' detail)."""
+    _check_images(images, "canny_edges")
+    if not 0 <= low <= high:
+        raise ValueError(f"canny_edges: need 0 <= low <= high, got low={low}, high={high}")
+    x = sum(w * images[:, c : c + 1] for c, w in enumerate(_LUMA)).float()
+    if sigma > 0:
+        x = _gaussian_blur(x, sigma)
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device)
+    grad = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), torch.stack([kx, kx.t()]).unsqueeze(1))
+    gx, gy = grad[:, :1], grad[:, 1:]
+    magnitude = torch.sqrt(gx * gx + gy * gy) / (4 * 2**0.5)
+    # Non-maximum suppression: keep a pixel if it is no smaller than both neighbours along its gradient direction
+    # (quantised to 0, 45, 90, 135 degrees).
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180
+    sector = ((angle + 22.5) // 45).long() % 4  # 0: horizontal gradient, 1: 45 degrees, 2: vertical, 3: 135
+    padded = F.pad(magnitude, (1, 1, 1, 1))
+    height, width = magnitude.shape[-2:]
+
+    def shifted(dy: int, dx: int) -> Tensor:
+        return padded[..., 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+
+    neighbours = {0: ((0, 1), (0, -1)), 1: ((1, 1), (-1, -1)), 2: ((1, 0), (-1, 0)), 3: ((1, -1), (-1, 1))}
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    for index, (a, b) in neighbours.items():
+        keep |= (sector == index) & (magnitude >= shifted(*a)) & (magnitude >= shifted(*b))
+    thin = magnitude * keep
+    strong, weak = thin >= high, thin >= low
+    # Hysteresis: grow the strong edges through 8-connected weak pixels until nothing changes.
+    edges = strong
+    for _ in range(height * width):
+        grown = weak & (F.max_pool2d(edges.float(), 3, stride=1, padding=1) > 0)
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges.to(images.dtype)
 
 
 class _DoubleConvBlock(nn.Module):
@@ -87,4 +138,4 @@ class HEDDetector(nn.Module):
         return torch.sigmoid(torch.cat(sides, dim=1).mean(dim=1, keepdim=True))
 
 
-__all__ = ["HEDDetector", "sobel_edges"]
+__all__ = ["HEDDetector", "canny_edges", "sobel_edges"]

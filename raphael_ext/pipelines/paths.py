@@ -1,14 +1,35 @@
-"""Pictures of RAPHAEL's diffusion paths (paper Fig. 4, 9, 11) from a DiffusionPaths recorded by RaphaelPipeline:
-which space expert each text token takes through the transformer blocks, which time expert each block uses
-over the sampling steps, and each token's cross-attention map."""
+"""RAPHAEL's diffusion paths (paper Fig. 4, 9, 11): `DiffusionPaths`, what RaphaelPipeline(record_paths=True)
+records while sampling, and its pictures: which space expert each text token takes through the transformer blocks,
+which time expert each block uses over the sampling steps, and each token's cross-attention map."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from .pipeline import DiffusionPaths
+
+@dataclass
+class DiffusionPaths:
+    """Routes recorded while sampling (conditional branch only)."""
+
+    tokens: List[List[str]]  # per prompt, the text tokens (BPE pieces, start and end tokens included)
+    timesteps: List[int] = field(default_factory=list)
+    space_routes: List[List[Tensor]] = field(default_factory=list)  # [step][block] -> [B, N_y] (CPU, int64)
+    time_routes: List[List[Tensor]] = field(default_factory=list)  # [step][block] -> [B]
+    attn_maps: List[Tensor] = field(default_factory=list)  # [block] -> [B, h, w, N_y] at the last step
+
+    def record(self, t: int, space_routes, time_routes, attn_maps, sample_shape) -> None:
+        self.timesteps.append(int(t))
+        self.space_routes.append([r.cpu() if r is not None else None for r in space_routes])
+        self.time_routes.append([r.cpu() if r is not None else None for r in time_routes])
+        maps = []
+        for m in attn_maps:  # [B, h*w, N_y]; blocks differ in resolution, all with the sample's aspect ratio
+            height = int(round((m.shape[1] * sample_shape[-2] / sample_shape[-1]) ** 0.5))
+            maps.append(m.float().cpu().view(m.shape[0], height, m.shape[1] // height, m.shape[2]))
+        self.attn_maps = maps
 
 
 def _figure():
@@ -82,4 +103,4 @@ def _save(fig, out: Union[str, Path]) -> Path:
     return out
 
 
-__all__ = ["plot_attention_maps", "plot_space_paths", "plot_time_experts"]
+__all__ = ["DiffusionPaths", "plot_attention_maps", "plot_space_paths", "plot_time_experts"]

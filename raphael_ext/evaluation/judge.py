@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .data import COLORS, ShapeSpec, ShapesDataset, relation
+from ..training.data import COLORS, ShapeSpec, ShapesDataset, relation
 
 # Fill ratio of each shape in its bounding box: a circle covers pi/4, a square all, a triangle half.
 FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}

@@ -25,6 +25,7 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (40, 40, 40)
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+HELD_OUT_SEED = 10_007  # ShapesDataset seed of evaluation's held-out scenes (training uses seed 0 by default)
 
 
 @dataclass
@@ -149,7 +150,7 @@ class ShapesDataset(Dataset):
 
 class FolderDataset(Dataset):
     """Images with same-name .txt captions in a folder (png/jpg/jpeg/webp), resized and centre-cropped to the
-    requested size; edges come from `raphael_ext.edges.sobel_edges` at training time."""
+    requested size; edges come from `raphael_ext.models.edges.sobel_edges` at training time."""
 
     EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -181,5 +182,5 @@ class FolderDataset(Dataset):
         return self.item(index, *self.size)
 
 
-__all__ = ["COLORS", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
+__all__ = ["COLORS", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
            "sample_scene", "shape_mask"]

@@ -1,0 +1,489 @@
+"""Training RAPHAEL (SPEC §2.5): L = L_denoise + L_edge (only for t <= T_c) + an optional balance loss; AdamW with the
+paper's defaults and linear warm-up, EMA weights, caption dropout for classifier-free guidance, multi-scale buckets,
+DDP through torchrun or FSDP2 (training/distributed.py), checkpoints that resume exactly (training/checkpoints.py).
+Small and readable, in the spirit of DiT's train.py. What is trained:
+
+- the U-Net (default), optionally with the text encoder (`train_text_encoder`, its own learning rate `text_lr`);
+- a LoRA adapter (`lora_rank`, paper §7.8) on the attention projections of a pipeline (`init_from`), optionally also
+  on the expert FFNs (`lora_experts`) and the text tower; only the adapter trains and is saved;
+- a canny ControlNet (`controlnet="canny"`, paper §7.8) on a frozen pipeline (`init_from`).
+
+Every random draw of a step (which items, their bucket, caption dropout, timesteps, noise, the gates' noise) comes
+from generators seeded by (seed, step, rank), so a run resumed from a checkpoint continues exactly. A run ends by
+writing `out/pipeline/` (EMA weights; a from_pretrained folder), plus `out/lora/` or `out/controlnet/`.
+"""
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..atomic_io import replace_folder_atomically
+from ..models.controlnet import RaphaelControlNet
+from ..models.edges import canny_edges, sobel_edges
+from ..models.text_encoder import PRESET_TEXT_ENCODERS, OpenCLIPTextEncoder, openclip_tokenizer, tokenize
+from ..models.unet import RaphaelUNet
+from ..nn import EdgeFocalLoss
+from ..pipelines.pipeline_raphael import RaphaelPipeline, default_scheduler, load_vae, vae_shift, vae_stride
+from .checkpoints import Checkpoints, CheckpointError
+from ..pipelines.grid import image_grid
+from .data import HELD_OUT_SEED, FolderDataset, ShapesDataset
+from .distributed import rank_and_world, shard
+
+# The paper's 9 training buckets (height, width) in pixels.
+PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (640, 576), (704, 512), (768, 512),
+                 (832, 448))
+# What a LoRA adapts (diffusers' attention names; the experts through PEFT's target_parameters, see nn.ExpertFFNs).
+LORA_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_EXPERTS = ["experts.w1", "experts.w2"]
+LORA_TEXT_TOWER = ["c_fc", "c_proj"]  # the MLP of each residual block of open_clip's text transformer
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def buckets(sample_size: int, multiple: int) -> List[Tuple[int, int]]:
+    """The paper's buckets scaled so that 640x640 becomes sample_size x sample_size, rounded to `multiple`."""
+    scale = sample_size / 640
+    out = []
+    for h, w in PAPER_BUCKETS:
+        size = (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def training_target(scheduler, prediction_type: str, x0: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """What the U-Net is trained to output, with diffusers' conventions (so its scheduler samples it)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ValueError(f"training_target: unknown prediction_type {prediction_type!r}")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    data: str = "shapes"  # "shapes" or a folder of images with same-name .txt captions
+    out: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 16  # global batch (split over the ranks)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state and EMA (FSDP2) instead of DDP
+    lr: float = 1e-4  # the paper's AdamW settings
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    edge_weight: float = 1.0
+    balance_weight: float = 0.01
+    multiscale: bool = True
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 0  # EMA sample grid every N steps; 0: never
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = 3
+    dataset_size: int = 100_000
+    text_checkpoint: Optional[str] = None  # a local OpenCLIP .safetensors for the preset's text tower
+    vae: Optional[str] = None  # latent presets: a local diffusers AutoencoderKL folder (safetensors) that encodes images
+    model: Dict[str, object] = field(default_factory=dict)  # RaphaelUNet overrides of the preset
+    init_from: Optional[str] = None  # a pipeline folder to start from (instead of the preset's fresh weights)
+    train_text_encoder: bool = False  # fine-tune the text tower too (the paper keeps ViT-g/14 frozen)
+    text_lr: Optional[float] = None  # the text tower's learning rate (default: lr)
+    lora_rank: int = 0  # > 0: train a LoRA adapter of this rank on init_from's U-Net instead of the U-Net itself
+    lora_alpha: Optional[float] = None  # LoRA scaling alpha / rank (default alpha = rank)
+    lora_experts: bool = False  # the LoRA also adapts the expert FFNs (w1, w2 of every space/time expert)
+    controlnet: Optional[str] = None  # "canny": train a ControlNet on init_from's frozen pipeline
+
+    @property
+    def mode(self) -> str:
+        return "lora" if self.lora_rank > 0 else "controlnet" if self.controlnet else "full"
+
+
+def _seed(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 6364136223846793005 + part + 1442695040888963407) % (1 << 63)
+    return value
+
+
+class Trainer:
+    """Trainer(TrainConfig).train(); Trainer.resume(out folder) continues the newest checkpoint that loads."""
+
+    def __init__(self, config: TrainConfig, device: Optional[str] = None):
+        self.config = config
+        self._check(config)
+        self.rank, self.world = rank_and_world()
+        if config.batch_size % self.world:
+            raise ValueError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.unet, self.text_encoder, self.tokenizer, self.vae = self._components()
+        self.vae_stride = vae_stride(self.vae)
+        self.scheduler = default_scheduler(self.unet)
+        self.controlnet = None
+        if config.mode == "controlnet":
+            self.controlnet = RaphaelControlNet.from_unet(self.unet, conditioning_downscale=self.vae_stride)
+        self.trained = self._select_trained()
+        self.ema = None
+        if config.mode != "lora":  # a LoRA is trained and saved as it is, like diffusers' LoRA scripts
+            self.ema = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in self.trained.items()})
+        # Without a process group there is nothing to shard over: fsdp=True then trains like one DDP rank.
+        self.sharded = config.fsdp and dist.is_initialized()
+        self.forward_models = self._distribute()
+        groups = [{"params": [p for k, m in self.trained.items() if k != "text_encoder" for p in m.parameters()
+                              if p.requires_grad], "lr": config.lr}]
+        if "text_encoder" in self.trained:
+            groups.append({"params": [p for p in self.trained["text_encoder"].parameters() if p.requires_grad],
+                           "lr": config.text_lr or config.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        warmup = max(1, config.warmup_steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.checkpoints = Checkpoints(Path(config.out) / "checkpoints", self.trained, self.ema, self.optimizer,
+                                       self.lr_schedule, self.sharded, config.keep_last)
+        self.edge_loss = EdgeFocalLoss(t_cutoff=self.unet.config.t_cutoff)
+        size = self.unet.config.sample_size * self.vae_stride  # in pixels
+        if config.data == "shapes":
+            self.dataset = ShapesDataset(config.dataset_size, size, seed=config.seed)
+        else:
+            self.dataset = FolderDataset(config.data, size)
+        multiple = self.unet.sample_stride * self.vae_stride
+        self.buckets = buckets(size, multiple) if config.multiscale else [(size, size)]
+        self.step = 0
+        self.out = Path(config.out)
+        self.history: List[Dict[str, float]] = []
+        self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
+
+    # --- construction -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _check(config: TrainConfig) -> None:
+        if config.lora_rank < 0:
+            raise ValueError(f"Trainer: lora_rank must be >= 0, got {config.lora_rank}")
+        if config.lora_rank and config.controlnet:
+            raise ValueError("Trainer: train a LoRA (lora_rank) or a ControlNet (controlnet), not both at once")
+        if config.controlnet not in (None, "canny"):
+            raise ValueError(f"Trainer: controlnet must be None or 'canny', got {config.controlnet!r}")
+        if config.mode != "full" and config.init_from is None:
+            raise ValueError(f"Trainer: {config.mode} training adapts a trained pipeline; pass init_from=<pipeline "
+                             "folder> (--init-from)")
+        if config.controlnet and config.train_text_encoder:
+            raise ValueError("Trainer: ControlNet training keeps the text encoder frozen (train_text_encoder=False)")
+
+    def _components(self):
+        """(unet, text_encoder, tokenizer, vae): from init_from's pipeline, or the preset's fresh U-Net and tower."""
+        config = self.config
+        if config.init_from is not None:
+            pipe = RaphaelPipeline.from_pretrained(config.init_from)
+            unet, text_encoder, tokenizer, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+            if vae is None and config.vae is not None:
+                vae = load_vae(config.vae, device=self.device)
+        else:
+            unet = RaphaelUNet.from_preset(config.preset, **config.model)
+            text_encoder = OpenCLIPTextEncoder.from_open_clip(PRESET_TEXT_ENCODERS[config.preset], config.text_checkpoint)
+            tokenizer = openclip_tokenizer(text_encoder.context_length)
+            vae = self._load_vae(unet)
+        if unet.config.latent and vae is None:
+            raise ValueError(f"Trainer: this U-Net diffuses in a VAE's latent space; pass vae=<a local diffusers "
+                             "AutoencoderKL folder> (--vae), e.g. Stable Diffusion's vae/ folder")
+        if vae is not None and vae.config.latent_channels != unet.config.in_channels:
+            raise ValueError(f"Trainer: the VAE has {vae.config.latent_channels} latent channels, the U-Net takes "
+                             f"{unet.config.in_channels}")
+        text_encoder.eval()
+        return unet, text_encoder, tokenizer, vae
+
+    def _load_vae(self, unet: RaphaelUNet):
+        if not unet.config.latent:
+            if self.config.vae is not None:
+                raise ValueError(f"Trainer: preset {self.config.preset!r} diffuses pixels; it takes no vae")
+            return None
+        return load_vae(self.config.vae, device=self.device) if self.config.vae is not None else None
+
+    def _select_trained(self) -> nn.ModuleDict:
+        """Marks what trains (requires_grad) and returns those models by name."""
+        config = self.config
+        trained = {}
+        if config.mode == "controlnet":
+            self.unet.requires_grad_(False)
+            trained["controlnet"] = self.controlnet.train()
+        elif config.mode == "lora":
+            from peft import LoraConfig
+
+            alpha = config.lora_alpha or config.lora_rank
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha, target_modules=LORA_ATTENTION,
+                                             target_parameters=LORA_EXPERTS if config.lora_experts else None))
+            trained["unet"] = self.unet
+            if config.train_text_encoder:
+                self.text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=alpha,
+                                                         target_modules=LORA_TEXT_TOWER))
+                trained["text_encoder"] = self.text_encoder
+        else:
+            trained["unet"] = self.unet.requires_grad_(True)
+            if config.train_text_encoder:
+                trained["text_encoder"] = self.text_encoder.requires_grad_(True)
+        for model in trained.values():
+            model.train()
+        return nn.ModuleDict(trained)
+
+    def _distribute(self) -> Dict[str, nn.Module]:
+        """Places every model and returns what the step calls for each trained one: FSDP2 shards of the trained
+        models and their EMA (built on the CPU, fully_shard moves one unit at a time to the device), a DDP wrapper,
+        or the model itself in one process. Frozen models are replicated."""
+        for frozen in (self.unet, self.text_encoder):
+            if not any(frozen is m for m in self.trained.values()):
+                frozen.to(self.device)
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            for name, model in self.trained.items():
+                shard(model, mesh)
+                if self.ema is not None:
+                    # Sharded like the model, so the EMA update stays local; resharded after every forward, as it has
+                    # no backward to do that (FSDP would otherwise keep its root unit gathered after sampling).
+                    shard(self.ema[name], mesh, reshard_after_forward=True)
+            return dict(self.trained.items())
+        self.trained.to(self.device)
+        if self.ema is not None:
+            self.ema.to(self.device)
+        if self.world > 1:
+            return {name: DistributedDataParallel(model) for name, model in self.trained.items()}
+        return dict(self.trained.items())
+
+    # --- data ------------------------------------------------------------------------------------------------
+    def batch(self, step: int) -> Dict[str, object]:
+        """This rank's share of the global batch of `step`: one bucket for the whole batch."""
+        g = torch.Generator().manual_seed(_seed(self.config.seed, step))
+        height, width = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=g))]
+        indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist()
+        dropped = (torch.rand(self.config.batch_size, generator=g) < self.config.caption_dropout).tolist()
+        share = slice(self.rank, None, self.world)
+        items = [self.dataset[(i, height, width)] for i in indices[share]]
+        images = torch.stack([item["image"] for item in items])
+        edges = torch.stack([item["edges"] for item in items]) if "edges" in items[0] else sobel_edges((images + 1) / 2)
+        captions = ["" if drop else item["caption"] for item, drop in zip(items, dropped[share])]
+        return {"images": images, "edges": edges, "captions": captions}
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels in [-1, 1] -> what the U-Net diffuses: the pixels themselves, or a scaled VAE latent sample
+        (its noise drawn from `generator` for the global batch, like every draw of a step)."""
+        if self.vae is None:
+            return images
+        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        noise = torch.randn((self.config.batch_size, *posterior.mean.shape[1:]), generator=generator)
+        noise = noise[self.rank :: self.world].to(posterior.mean)
+        latents = posterior.mean + posterior.std * noise
+        return ((latents - vae_shift(self.vae)) * self.vae.config.scaling_factor).float()
+
+    def encode_text(self, captions: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Text states and lengths, with gradients when the text encoder (or its adapter) trains."""
+        encoder = self.forward_models.get("text_encoder", self.text_encoder)
+        module = encoder.module if isinstance(encoder, DistributedDataParallel) else encoder
+        ids = tokenize(self.tokenizer, captions).to(self.device)
+        if module.trainable:
+            return encoder(ids)
+        with torch.no_grad():
+            return encoder(ids)
+
+    # --- one step --------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> Dict[str, float]:
+        losses = self.compute_gradients(step)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self._update_ema()
+        return losses
+
+    def compute_gradients(self, step: int) -> Dict[str, float]:
+        """Forward and backward of `step`'s batch (gradients averaged over the ranks, then clipped); no update."""
+        for model in self.trained.values():
+            model.train()
+        batch = self.batch(step)
+        # Timesteps and noise are drawn for the global batch and sliced, so N ranks see what one process would.
+        g = torch.Generator().manual_seed(_seed(self.config.seed, step, 1))
+        share = slice(self.rank, None, self.world)
+        x0 = self.encode_images(batch["images"].to(self.device), g)
+        t = torch.randint(0, self.unet.config.num_train_timesteps, (self.config.batch_size,), generator=g)
+        noise = torch.randn((self.config.batch_size, *x0.shape[1:]), generator=g)
+        t, noise = t[share].to(self.device), noise[share].to(self.device)
+        torch.manual_seed(_seed(self.config.seed, step, 1000 + self.rank))  # gate noise and dropout of this step
+        states, lengths = self.encode_text(batch["captions"])
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            residuals = {}
+            if self.controlnet is not None:
+                control = canny_edges((batch["images"].to(self.device) + 1) / 2)
+                down, mid = self.forward_models["controlnet"](noisy, t, states, lengths, controlnet_cond=control)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            out = self.forward_models.get("unet", self.unet)(noisy, t, states, lengths, **residuals)
+        target = training_target(self.scheduler, self.unet.config.prediction_type, x0, noise, t)
+        losses = {"denoise": F.mse_loss(out.sample.float(), target)}
+        if out.edge_logits is not None and self.controlnet is None:
+            edges = F.adaptive_max_pool2d(batch["edges"].to(self.device), out.edge_logits.shape[-2:])
+            losses["edge"] = self.config.edge_weight * self.edge_loss(out.edge_logits.float(), edges, t)
+        if out.balance_loss is not None and self.config.mode == "full":
+            losses["balance"] = self.config.balance_weight * out.balance_loss.float()
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in self.trained.values() for p in m.parameters() if p.requires_grad],
+                                       self.config.grad_clip)
+        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for name, model in self.trained.items():
+            torch._foreach_lerp_(list(self.ema[name].parameters()), list(model.parameters()), 1 - self.config.ema_decay)
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    def train(self) -> List[Dict[str, float]]:
+        config = self.config
+        bar = tqdm(range(self.step, config.steps), initial=self.step, total=config.steps, desc="train",
+                   disable=self.rank != 0)
+        for step in bar:
+            record = {"step": step + 1, **self.train_step(step)}
+            self.history.append(record)
+            self.step = step + 1
+            if self.rank == 0 and (self.step % config.log_every == 0 or self.step == config.steps):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
+                self._log(record)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
+                self.save_checkpoint()
+            if config.sample_every and self.step % config.sample_every == 0 and (self.rank == 0 or self.sharded):
+                self.save_samples()
+        self.save_checkpoint()
+        self.save_outputs()
+        return self.history
+
+    def sampling_pipeline(self) -> RaphaelPipeline:
+        """The pipeline of what was trained so far: EMA weights (the U-Net with its LoRA adapter in LoRA runs)."""
+        ema = self.ema or {}
+        unet = ema["unet"] if "unet" in ema else self.unet
+        text_encoder = ema["text_encoder"] if "text_encoder" in ema else self.text_encoder
+        controlnet = ema["controlnet"] if "controlnet" in ema else None
+        pipe = RaphaelPipeline(unet, text_encoder, self.tokenizer, self.scheduler, vae=self.vae, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_samples(self, count: int = 8, steps: int = 25) -> Path:
+        """A grid of EMA samples for held-out shapes prompts: out/samples/step-XXXXXXX.png (ControlNet runs steer them
+        with the Canny edges of the held-out scenes). Under FSDP every rank runs it (the EMA's forward gathers its
+        shards); rank 0 writes."""
+        held_out = ShapesDataset(count, self.unet.config.sample_size * self.vae_stride, seed=HELD_OUT_SEED)
+        items = [held_out[i] for i in range(count)]
+        captions = [item["caption"] for item in items]
+        control = None
+        if self.controlnet is not None:
+            control = torch.stack([(item["image"] + 1) / 2 for item in items])
+        images = self.sampling_pipeline()(captions, num_inference_steps=steps, control_image=control,
+                                          generator=torch.Generator().manual_seed(0)).images
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image_grid(images, captions).save(path)
+        return path
+
+    def _log(self, record: Dict[str, float]) -> None:
+        """Appends to out/log.jsonl, and to TensorBoard (out/tensorboard) when the tensorboard package is installed."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tensorboard = False
+        if self._tensorboard:
+            for key, value in record.items():
+                if key != "step":
+                    self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+            self._tensorboard.add_scalar("train/lr", self.lr_schedule.get_last_lr()[0], record["step"])
+
+    # --- checkpoints and outputs ------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        return self.checkpoints.save(self.step, {"train_config": dataclasses.asdict(self.config)})
+
+    def _full_copy(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
+        """`model` with full weights for saving: itself in one process or under DDP; under FSDP a new CPU instance
+        (from its config) holding the gathered `state`."""
+        if not self.sharded:
+            return model
+        copy_ = type(model).from_config(model.config)
+        copy_.load_state_dict(state)
+        return copy_
+
+    def _gathered(self, models: nn.ModuleDict) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Per model name, its full state dict (every rank takes part under FSDP; gathered to rank 0's CPU)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True) if self.sharded else None
+        state = get_model_state_dict(models, options=options) if self.sharded else {}
+        return {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")} for name in models}
+
+    def save_outputs(self) -> None:
+        """out/pipeline/ (the EMA weights as a RaphaelPipeline folder), and the adapter alone in out/lora/ (LoRA runs)
+        or the ControlNet alone in out/controlnet/ (ControlNet runs)."""
+        if self.config.mode == "lora":
+            self.save_lora(self.out / "lora")
+            return
+        gathered = self._gathered(self.ema)
+        if self.rank != 0:
+            return
+        ema = {name: self._full_copy(model, gathered[name]) for name, model in self.ema.items()}
+        pipe = RaphaelPipeline(ema.get("unet", self.unet), ema.get("text_encoder", self.text_encoder), self.tokenizer,
+                               self.scheduler, vae=self.vae, controlnet=ema.get("controlnet"))
+        replace_folder_atomically(self.out / "pipeline", lambda tmp: pipe.save_pretrained(tmp))
+        if "controlnet" in ema:
+            replace_folder_atomically(self.out / "controlnet", lambda tmp: ema["controlnet"].save_pretrained(tmp))
+
+    def save_lora(self, folder: Path) -> None:
+        """The adapter alone: out/lora/pytorch_lora_weights.safetensors with diffusers' key and metadata layout
+        ("unet." and "text_encoder." prefixes, the LoraConfig of each as metadata)."""
+        from ..pipelines.lora import save_lora_weights
+
+        state = get_model_state_dict(self.trained, options=StateDictOptions(
+            full_state_dict=self.sharded, cpu_offload=self.sharded, ignore_frozen_params=True))
+        if self.rank == 0:
+            save_lora_weights(folder, state, {name: model.peft_config["default"] for name, model in self.trained.items()})
+
+    @classmethod
+    def resume(cls, out: str, steps: Optional[int] = None, device: Optional[str] = None, **overrides) -> "Trainer":
+        """A Trainer continuing the run in `out` from its newest checkpoint that loads, optionally with a new step
+        target and other TrainConfig fields that do not change the model (fsdp, vae, checkpoint_every, ...); it keeps
+        writing into `out`."""
+        root = Path(out) / "checkpoints"
+        settings = None
+        for folder in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
+            try:
+                settings = json.loads((folder / "state.json").read_text())["train_config"]
+                break
+            except (OSError, ValueError, KeyError):
+                continue  # Checkpoints.resume reports it
+        if settings is None:
+            raise CheckpointError(f"Trainer.resume: no checkpoint with a readable state.json in {root}")
+        config = TrainConfig(**{**settings, "betas": tuple(settings["betas"]), "out": str(out), **overrides})
+        if steps is not None:
+            config.steps = steps
+        trainer = cls(config, device=device)
+        _, state = trainer.checkpoints.resume()
+        trainer.step = int(state["step"])
+        return trainer
+
+
+__all__ = ["LORA_ATTENTION", "LORA_EXPERTS", "LORA_TEXT_TOWER", "PAPER_BUCKETS", "TrainConfig", "Trainer", "buckets",
+           "training_target"]
