@@ -29,7 +29,8 @@ def _train(args) -> None:
         # The run's own settings, except how it is spread over the ranks (--fsdp or not) and where its VAE is.
         trainer = Trainer.resume(args.out, steps=args.steps, fsdp=args.fsdp, **({"vae": args.vae} if args.vae else {}))
     else:
-        config = TrainConfig(preset=args.preset, data=args.data, out=args.out, steps=args.steps or 1000,
+        config = TrainConfig(preset=args.preset, data=args.data, data_workers=args.data_workers, out=args.out,
+                             steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
                              text_checkpoint=args.text_checkpoint, vae=args.vae, fsdp=args.fsdp,
@@ -103,8 +104,11 @@ def main(argv=None) -> None:
 
     train = sub.add_parser("train", help="train a RAPHAEL U-Net (or a LoRA, or a ControlNet, on a trained pipeline)")
     train.add_argument("--preset", default="tiny", help="model size: tiny (CPU), small (one GPU) or paper (3 B)")
-    train.add_argument("--data", default="shapes", help='"shapes" (procedural scenes) or a folder of images with '
-                                                         "same-name .txt captions")
+    train.add_argument("--data", default="shapes", help='"shapes" (procedural scenes), a folder of images with '
+                                                         'same-name .txt captions, or WebDataset tar shards '
+                                                         '("data/shard-{000000..000099}.tar": jpg/png/webp + txt)')
+    train.add_argument("--data-workers", type=int, default=0,
+                       help="WebDataset shards: data-loader processes that read and decode them (0: none)")
     train.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, samples/, pipeline/")
     train.add_argument("--steps", type=int, default=None, help="training steps (default 1000; with --resume: the "
                                                                  "run's own target unless given)")

@@ -3,9 +3,10 @@
 # Sourced, not run.
 
 # Wheels the device image lacks (its package list: the device tool's KINDS.md), pinned as in requirements-dev.txt.
-# All are pure Python or abi3 except where noted; installed there with --no-deps, so each one's own missing
-# requirements are listed too: ftfy <- open_clip_torch, wcwidth <- ftfy, importlib_metadata <- diffusers,
-# lazy-importer <- importlib_metadata. nvidia-cutlass only provides the CUTLASS headers.
+# All are pure Python or abi3; installed there with --no-deps, so each one's own missing requirements are listed too:
+# ftfy <- open_clip_torch, wcwidth <- ftfy, importlib_metadata <- diffusers, lazy-importer <- importlib_metadata,
+# braceexpand <- webdataset. nvidia-cutlass only provides the CUTLASS headers. (peft, transformers and accelerate
+# are in the image.)
 DEVICE_WHEELS=(
   nvidia-cutlass==4.2.0.0
   open_clip_torch==3.3.0
@@ -14,11 +15,14 @@ DEVICE_WHEELS=(
   wcwidth==0.9.4
   importlib_metadata==10.2.0
   lazy-importer==0.1.0
+  webdataset==1.0.2
+  braceexpand==0.1.7
 )
 # The GPU machine's Python packages that the tests and benchmarks use, at the versions its image holds.
 DEVICE_IMAGE_PACKAGES=(
   torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.5.2 huggingface_hub==1.33.0 safetensors==0.8.0
-  pillow tqdm regex timm matplotlib filelock requests pybind11 ninja setuptools wheel
+  pillow tqdm regex timm matplotlib filelock requests pybind11 ninja setuptools wheel pyyaml
+  transformers==5.17.0 peft accelerate
   pytest pytest-benchmark pytest-timeout hypothesis
 )
 DEVICE_ARCH=9.0a

@@ -6,6 +6,7 @@ scene. Besides the image it returns the exact edge map and a mask per object, wh
 and the alignment judge need.
 """
 
+import io
 import math
 import random
 from dataclasses import dataclass
@@ -148,33 +149,79 @@ class ShapesDataset(Dataset):
         return self.item(index, *self.size)
 
 
+def fit_image(image: Image.Image, height: int, width: int) -> Tensor:
+    """An RGB image resized (bicubic) to cover height x width and centre-cropped to it, as [3, H, W] in [-1, 1]."""
+    image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    image = image.resize((max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale))),
+                         Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def check_image(data: Union[Path, bytes], min_size: int) -> Optional[str]:
+    """Why an image cannot be used (None if it can): unreadable, truncated, or shorter side below min_size."""
+    try:
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel: a truncated file fails here, not only in verify()
+            if min(image.size) < min_size:
+                return f"too small ({image.width}x{image.height} < {min_size} px)"
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return f"unreadable image ({type(error).__name__}: {str(error)[:80]})"
+    return None
+
+
 class FolderDataset(Dataset):
-    """Images with same-name .txt captions in a folder (png/jpg/jpeg/webp), resized and centre-cropped to the
-    requested size; edges come from `raphael_ext.models.edges.sobel_edges` at training time."""
+    """Images with same-name .txt captions in a folder (png/jpg/jpeg/webp), resized and centre-cropped to the requested
+    size; edges come from `raphael_ext.models.edges.sobel_edges` at training time.
+
+    The folder is scanned once when the dataset is made: every image is decoded and its caption read, and the pairs
+    that cannot be used are set aside with the reason (`skipped`: unreadable or truncated image, missing or empty
+    caption, shorter side below `min_size`, default half the training size). A file that fails later (changed on
+    disk) raises from __getitem__; the trainer then takes the next item and counts the failure in its log."""
 
     EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
-    def __init__(self, folder: Union[str, Path], size: Union[int, Tuple[int, int]] = 256):
+    def __init__(self, folder: Union[str, Path], size: Union[int, Tuple[int, int]] = 256,
+                 min_size: Optional[int] = None):
         self.folder = Path(folder)
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in self.EXTENSIONS
-                            and p.with_suffix(".txt").is_file())
-        if not self.files:
-            raise ValueError(f"FolderDataset: no image with a same-name .txt caption in {self.folder}")
         self.size = (size, size) if isinstance(size, int) else tuple(size)
+        min_size = min(self.size) // 2 if min_size is None else min_size
+        if not self.folder.is_dir():
+            raise ValueError(f"FolderDataset: {self.folder} is not a folder")
+        self.files: List[Path] = []
+        self.captions: List[str] = []
+        self.skipped: List[Tuple[str, str]] = []  # (file name, reason)
+        for path in sorted(p for p in self.folder.iterdir() if p.suffix.lower() in self.EXTENSIONS):
+            caption_file = path.with_suffix(".txt")
+            caption = caption_file.read_text(errors="replace").strip() if caption_file.is_file() else None
+            reason = ("missing caption (.txt)" if caption is None else "empty caption" if not caption
+                      else check_image(path, min_size))
+            if reason is None:
+                self.files.append(path)
+                self.captions.append(caption)
+            else:
+                self.skipped.append((path.name, reason))
+        if not self.files:
+            raise ValueError(f"FolderDataset: no usable image with a same-name .txt caption in {self.folder} "
+                             f"({len(self.skipped)} skipped: {self.skipped[:3]})")
+
+    def summary(self) -> dict:
+        """What the scan found: usable pairs and skipped files by reason (for the training log)."""
+        reasons: Dict[str, int] = {}
+        for _, reason in self.skipped:
+            key = reason.split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        return {"usable": len(self.files), "skipped": len(self.skipped), "skipped_by_reason": reasons,
+                "skipped_files": self.skipped[:20]}
 
     def __len__(self) -> int:
         return len(self.files)
 
     def item(self, index: int, height: int, width: int) -> dict:
-        path = self.files[index]
-        image = Image.open(path).convert("RGB")
-        scale = max(height / image.height, width / image.width)
-        image = image.resize((max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale))),
-                             Image.BICUBIC)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"image": pixels, "caption": path.with_suffix(".txt").read_text().strip()}
+        with Image.open(self.files[index]) as image:
+            return {"image": fit_image(image, height, width), "caption": self.captions[index]}
 
     def __getitem__(self, index):
         if isinstance(index, tuple):
@@ -183,4 +230,4 @@ class FolderDataset(Dataset):
 
 
 __all__ = ["COLORS", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
-           "sample_scene", "shape_mask"]
+           "sample_scene", "shape_mask", "fit_image", "check_image"]

@@ -37,7 +37,8 @@ from ..nn import EdgeFocalLoss
 from ..pipelines.pipeline_raphael import RaphaelPipeline, default_scheduler, load_vae, vae_shift, vae_stride
 from .checkpoints import Checkpoints, CheckpointError
 from ..pipelines.grid import image_grid
-from .data import HELD_OUT_SEED, FolderDataset, ShapesDataset
+from .data import HELD_OUT_SEED, FolderDataset, ShapesDataset, fit_image
+from .shards import ShardStream, is_shard_pattern
 from .distributed import rank_and_world, shard
 
 # The paper's 9 training buckets (height, width) in pixels.
@@ -76,7 +77,8 @@ def training_target(scheduler, prediction_type: str, x0: torch.Tensor, noise: to
 @dataclass
 class TrainConfig:
     preset: str = "tiny"
-    data: str = "shapes"  # "shapes" or a folder of images with same-name .txt captions
+    data: str = "shapes"  # "shapes", a folder of images with same-name .txt captions, or WebDataset tar shards
+    data_workers: int = 0  # WebDataset shards: data-loader processes decoding them (0: the trainer's own process)
     out: str = "runs/train"
     steps: int = 1000
     batch_size: int = 16  # global batch (split over the ranks)
@@ -155,17 +157,15 @@ class Trainer:
         self.checkpoints = Checkpoints(Path(config.out) / "checkpoints", self.trained, self.ema, self.optimizer,
                                        self.lr_schedule, self.sharded, config.keep_last)
         self.edge_loss = EdgeFocalLoss(t_cutoff=self.unet.config.t_cutoff)
+        self.out = Path(config.out)
+        self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
         size = self.unet.config.sample_size * self.vae_stride  # in pixels
-        if config.data == "shapes":
-            self.dataset = ShapesDataset(config.dataset_size, size, seed=config.seed)
-        else:
-            self.dataset = FolderDataset(config.data, size)
+        self.dataset = self._dataset(size)
         multiple = self.unet.sample_stride * self.vae_stride
         self.buckets = buckets(size, multiple) if config.multiscale else [(size, size)]
         self.step = 0
-        self.out = Path(config.out)
+        self.data_failures = 0
         self.history: List[Dict[str, float]] = []
-        self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
 
     # --- construction -----------------------------------------------------------------------------------------
     @staticmethod
@@ -264,18 +264,50 @@ class Trainer:
         return dict(self.trained.items())
 
     # --- data ------------------------------------------------------------------------------------------------
+    def _dataset(self, size: int, stream_state: Optional[dict] = None):
+        """ShapesDataset, a scanned FolderDataset (what it skipped is printed and logged) or a ShardStream."""
+        config = self.config
+        if config.data == "shapes":
+            return ShapesDataset(config.dataset_size, size, seed=config.seed)
+        if is_shard_pattern(config.data):
+            return ShardStream(config.data, self.rank, self.world, config.data_workers, config.seed,
+                               min_size=size // 2, state=stream_state)
+        dataset = FolderDataset(config.data, size)
+        if self.rank == 0:
+            summary = dataset.summary()
+            print(f"data: {summary['usable']} usable image-caption pairs in {config.data}, {summary['skipped']} skipped"
+                  + "".join(f"\n  {name}: {reason}" for name, reason in dataset.skipped[:20]))
+            self._log({"event": "data_scan", **summary})
+        return dataset
+
     def batch(self, step: int) -> Dict[str, object]:
-        """This rank's share of the global batch of `step`: one bucket for the whole batch."""
+        """This rank's share of the global batch of `step`: one bucket for the whole batch. An item that fails to load
+        (a file changed on disk, a broken sample in a shard) is replaced by the next one and counted."""
         g = torch.Generator().manual_seed(_seed(self.config.seed, step))
         height, width = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=g))]
-        indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist()
+        indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist() \
+            if not isinstance(self.dataset, ShardStream) else [0] * self.config.batch_size
         dropped = (torch.rand(self.config.batch_size, generator=g) < self.config.caption_dropout).tolist()
         share = slice(self.rank, None, self.world)
-        items = [self.dataset[(i, height, width)] for i in indices[share]]
+        failures = 0
+        if isinstance(self.dataset, ShardStream):
+            samples, failures = self.dataset.take(len(indices[share]))
+            items = [{"image": fit_image(image, height, width), "caption": caption} for image, caption in samples]
+        else:
+            items = []
+            for index in indices[share]:
+                for attempt in range(len(self.dataset)):
+                    try:
+                        items.append(self.dataset[((index + attempt) % len(self.dataset), height, width)])
+                        break
+                    except (OSError, ValueError):
+                        failures += 1
+                else:
+                    raise RuntimeError("Trainer: no item of the dataset loads any more")
         images = torch.stack([item["image"] for item in items])
         edges = torch.stack([item["edges"] for item in items]) if "edges" in items[0] else sobel_edges((images + 1) / 2)
         captions = ["" if drop else item["caption"] for item, drop in zip(items, dropped[share])]
-        return {"images": images, "edges": edges, "captions": captions}
+        return {"images": images, "edges": edges, "captions": captions, "failures": failures}
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -341,7 +373,10 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for m in self.trained.values() for p in m.parameters() if p.requires_grad],
                                        self.config.grad_clip)
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        record = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        if batch["failures"]:
+            record["data_failures"] = batch["failures"]  # items skipped on this rank
+        return record
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -357,6 +392,9 @@ class Trainer:
                    disable=self.rank != 0)
         for step in bar:
             record = {"step": step + 1, **self.train_step(step)}
+            self.data_failures += record.pop("data_failures", 0)
+            if self.data_failures:
+                record["data_failures"] = self.data_failures  # items skipped on rank 0 since the run (re)started
             self.history.append(record)
             self.step = step + 1
             if self.rank == 0 and (self.step % config.log_every == 0 or self.step == config.steps):
@@ -398,7 +436,7 @@ class Trainer:
             image_grid(images, captions).save(path)
         return path
 
-    def _log(self, record: Dict[str, float]) -> None:
+    def _log(self, record: Dict[str, object]) -> None:
         """Appends to out/log.jsonl, and to TensorBoard (out/tensorboard) when the tensorboard package is installed."""
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "log.jsonl", "a") as f:
@@ -410,7 +448,7 @@ class Trainer:
                 self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
                 self._tensorboard = False
-        if self._tensorboard:
+        if self._tensorboard and "step" in record:  # training records; events (the data scan) stay in log.jsonl
             for key, value in record.items():
                 if key != "step":
                     self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
@@ -418,7 +456,14 @@ class Trainer:
 
     # --- checkpoints and outputs ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, {"train_config": dataclasses.asdict(self.config)})
+        extra = {"train_config": dataclasses.asdict(self.config)}
+        if isinstance(self.dataset, ShardStream):  # every rank's position in its share of the shards
+            states = [self.dataset.state()]
+            if self.world > 1:
+                states = [None] * self.world
+                dist.all_gather_object(states, self.dataset.state())
+            extra["data_state"] = states
+        return self.checkpoints.save(self.step, extra)
 
     def _full_copy(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
         """`model` with full weights for saving: itself in one process or under DDP; under FSDP a new CPU instance
@@ -482,6 +527,12 @@ class Trainer:
         trainer = cls(config, device=device)
         _, state = trainer.checkpoints.resume()
         trainer.step = int(state["step"])
+        if isinstance(trainer.dataset, ShardStream) and state.get("data_state"):
+            states = state["data_state"]
+            mine = states[trainer.rank] if len(states) == trainer.world else {  # other ranks: restart the epoch
+                "world": len(states), "positions": [p for s in states for p in s["positions"]]}
+            size = trainer.unet.config.sample_size * trainer.vae_stride
+            trainer.dataset = trainer._dataset(size, stream_state=mine)
         return trainer
 
 
