@@ -31,9 +31,10 @@ SITE=build/device-site
 
 if [[ ! -f $VENV/.ready ]] || [[ "$(cat $VENV/.ready)" != "${DEVICE_IMAGE_PACKAGES[*]}" ]]; then
   say "venv $VENV from $PY312 with the image's packages"
-  rm -rf "$VENV"
-  "$PY312" -m venv "$VENV"
-  "$VPY" -m pip install -q --upgrade pip
+  if [[ ! -x $VPY ]]; then
+    "$PY312" -m venv "$VENV"
+    "$VPY" -m pip install -q --upgrade pip
+  fi
   "$VPY" -m pip install -q "${DEVICE_IMAGE_PACKAGES[@]}"
   echo "${DEVICE_IMAGE_PACKAGES[*]}" > $VENV/.ready
 fi
