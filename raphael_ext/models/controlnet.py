@@ -77,6 +77,7 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         time_experts: int = 4,
         expert_hidden_mult: int = 4,
         gate_noise: float = 0.1,
+        pooled_text: bool = False,
         conditioning_channels: int = 1,
         conditioning_downscale: int = 1,
         conditioning_embedding_channels: Tuple[int, ...] = (16, 32),
@@ -87,7 +88,7 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout, space_experts, time_experts,
                                         expert_hidden_mult, gate_noise, balance_loss=False)
         mid_width = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups,
-                                        dropout, block_args)
+                                        dropout, block_args, pooled_text)
         self.cond_embedding = ConditioningEmbedding(conditioning_channels, channels[0],
                                                     tuple(conditioning_embedding_channels), conditioning_downscale)
         self.controlnet_down_blocks = nn.ModuleList(
@@ -106,11 +107,11 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
             dropout=c.dropout, text_dim=c.text_dim, alpha=c.alpha,
             space_experts=c.space_experts if c.use_space_moe else 0,
             time_experts=c.time_experts if c.use_time_moe else 0, expert_hidden_mult=c.expert_hidden_mult,
-            gate_noise=c.gate_noise, conditioning_channels=conditioning_channels,
+            gate_noise=c.gate_noise, pooled_text=c.get("pooled_text", False), conditioning_channels=conditioning_channels,
             conditioning_downscale=conditioning_downscale,
             conditioning_embedding_channels=tuple(conditioning_embedding_channels))
         if load_weights_from_unet:
-            encoder = ("time_embed.", "conv_in.", "down.", "mid.", "mid_res.")
+            encoder = ("time_embed.", "text_embed.", "conv_in.", "down.", "mid.", "mid_res.")
             state = {k: v for k, v in unet.state_dict().items() if k.startswith(encoder)}
             missing, unexpected = controlnet.load_state_dict(state, strict=False)
             assert not unexpected and all(k.startswith(("cond_embedding.", "controlnet_")) for k in missing), missing
@@ -136,7 +137,7 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         if tuple(controlnet_cond.shape[-2:]) != expected:
             controlnet_cond = F.interpolate(controlnet_cond.float(), size=expected, mode="bilinear",
                                             align_corners=False)
-        temb = self._time_embedding(timestep, batch, sample.dtype)
+        temb = self._time_embedding(timestep, batch, sample.dtype, text_states, text_lengths)
         cond = self.cond_embedding(controlnet_cond.to(sample.dtype))
         skips, mid = self._encode(sample, temb, text_states, text_lengths, _Record(), conv_in_residual=cond)
         down = [conv(s) * conditioning_scale for conv, s in zip(self.controlnet_down_blocks, skips)]

@@ -198,10 +198,14 @@ class RaphaelEncoderMixin:
     weights load into a ControlNet as they are."""
 
     def _build_encoder(self, in_channels: int, channels: Sequence[int], layers_per_level: int,
-                       attention_levels: Sequence[bool], norm_groups: int, dropout: float, block_args: dict) -> int:
+                       attention_levels: Sequence[bool], norm_groups: int, dropout: float, block_args: dict,
+                       pooled_text: bool = False) -> int:
         c0 = channels[0]
         time_dim = block_args["time_dim"]
         self.time_embed = nn.Sequential(nn.Linear(c0, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        # The end-of-text token's state added to the time embedding (SDXL's pooled text embedding; not in the paper).
+        self.text_embed = nn.Sequential(nn.Linear(block_args["text_dim"], time_dim), nn.SiLU(),
+                                        nn.Linear(time_dim, time_dim)) if pooled_text else None
         self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
         self.down = nn.ModuleList()
         ch = c0
@@ -223,10 +227,15 @@ class RaphaelEncoderMixin:
             modules["attn"] = SpatialTransformer(out_ch, norm_groups, RaphaelBlock(out_ch, **block_args))
         return nn.ModuleDict(modules)
 
-    def _time_embedding(self, timestep: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    def _time_embedding(self, timestep: Tensor, batch: int, dtype: torch.dtype, text_states: Tensor,
+                        text_lengths: Tensor) -> Tensor:
+        """The time embedding, plus the pooled text embedding when the model has one."""
         t = timestep.expand(batch) if timestep.dim() == 0 else timestep
-        emb = timestep_embedding(t, self.conv_in.out_channels).to(self.conv_in.weight.dtype)
-        return self.time_embed(emb).to(dtype)
+        emb = self.time_embed(timestep_embedding(t, self.conv_in.out_channels).to(self.conv_in.weight.dtype))
+        if self.text_embed is not None:
+            eot = (text_lengths.clamp(min=1) - 1).view(batch, 1, 1).expand(batch, 1, text_states.shape[-1])
+            emb = emb + self.text_embed(text_states.gather(1, eot).squeeze(1).to(emb.dtype))
+        return emb.to(dtype)
 
     @staticmethod
     def _run_stage(stage: nn.ModuleDict, h: Tensor, temb: Tensor, text_states: Tensor, text_lengths: Tensor,
@@ -292,7 +301,9 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
     or 128 (the cross-attention kernel's); text_dim/text_tokens describe the text states; alpha is the mask threshold;
     space_experts/time_experts of 0 (or use_space_moe/use_time_moe False, the ablation switches) turn a MoE off;
     gate_noise is the std of the gates' training noise; use_edge/edge_layers/edge_channels describe P_theta and
-    t_cutoff the edge loss's T_c; prediction_type is diffusers' ("epsilon" in the paper, "v_prediction", "sample").
+    t_cutoff the edge loss's T_c; pooled_text adds the end-of-text token's state to the time embedding, so every
+    ResNet block sees the prompt (SDXL's pooled text embedding; ours, off in the paper's presets); prediction_type is
+    diffusers' ("epsilon" in the paper, "v_prediction", "sample").
     """
 
     _supports_gradient_checkpointing = True
@@ -324,6 +335,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         edge_layers: int = 5,
         edge_channels: int = 32,
         t_cutoff: int = 500,
+        pooled_text: bool = False,
         num_train_timesteps: int = 1000,
         prediction_type: str = "epsilon",
         gradient_checkpointing: bool = False,
@@ -348,7 +360,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
                                         space_experts if use_space_moe else 0, time_experts if use_time_moe else 0,
                                         expert_hidden_mult, gate_noise, balance_loss)
         ch = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups, dropout,
-                                 block_args)
+                                 block_args, pooled_text)
         skips = down_stage_widths(channels, layers_per_level)
         self.up = nn.ModuleList()
         for level in reversed(range(len(channels))):
@@ -419,7 +431,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         batch, _, height, width = sample.shape
         if text_lengths is None:
             text_lengths = torch.full((batch,), text_states.shape[1], dtype=torch.long, device=sample.device)
-        temb = self._time_embedding(timestep, batch, sample.dtype)
+        temb = self._time_embedding(timestep, batch, sample.dtype, text_states, text_lengths)
         record = _Record()
         skips, h = self._encode(sample, temb, text_states, text_lengths, record)
         if down_block_additional_residuals is not None:

@@ -88,6 +88,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 20000
     grad_clip: float = 1.0
+    precision: str = "auto"  # "auto": bf16 autocast on GPUs, float32 on CPUs; "bf16": autocast everywhere; "fp32"
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     edge_weight: float = 1.0
@@ -179,6 +180,8 @@ class Trainer:
         if config.mode != "full" and config.init_from is None:
             raise ValueError(f"Trainer: {config.mode} training adapts a trained pipeline; pass init_from=<pipeline "
                              "folder> (--init-from)")
+        if config.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"Trainer: precision must be 'auto', 'bf16' or 'fp32', got {config.precision!r}")
         if config.controlnet and config.train_text_encoder:
             raise ValueError("Trainer: ControlNet training keeps the text encoder frozen (train_text_encoder=False)")
 
@@ -354,7 +357,8 @@ class Trainer:
         torch.manual_seed(_seed(self.config.seed, step, 1000 + self.rank))  # gate noise and dropout of this step
         states, lengths = self.encode_text(batch["captions"])
         noisy = self.scheduler.add_noise(x0, noise, t)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        autocast = self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             residuals = {}
             if self.controlnet is not None:
                 control = canny_edges((batch["images"].to(self.device) + 1) / 2)
