@@ -12,7 +12,7 @@ RAPHAEL_EXT_CUDA ?= auto
 export MAX_JOBS RAPHAEL_EXT_CUDA
 DATE := $(shell date +%Y-%m-%d)
 
-.PHONY: all deps install install-incremental develop test test-cuda bench demo ablation info cmake clean
+.PHONY: all deps install install-incremental develop test test-cuda bench demo ablation demo-lora demo-controlnet info cmake clean
 
 all: install
 
@@ -64,6 +64,13 @@ demo: install
 ## ablation: the demo's budget with and without space-MoE, alignment scores side by side (runs/ablation)
 ablation: install
 	$(PY) -P -m raphael_ext ablation --out runs/ablation $(if $(STEPS),--steps $(STEPS))
+
+## demo-lora / demo-controlnet: the paper's extensions on the demo's pipeline (after make demo)
+demo-lora: install
+	$(PY) -P -m raphael_ext demo-lora --pipeline runs/demo/pipeline --out runs/lora_demo
+
+demo-controlnet: install
+	$(PY) -P -m raphael_ext demo-controlnet --pipeline runs/demo/pipeline --out runs/controlnet_demo
 
 info: install
 	$(PY) -P -m raphael_ext.info

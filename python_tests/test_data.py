@@ -79,7 +79,7 @@ def test_folder_dataset(tmp_path):
     assert item["caption"] == "a grey picture" and item["image"].shape == (3, 32, 32)
     assert torch.allclose(item["image"], torch.full((3, 32, 32), 200 / 127.5 - 1), atol=2 / 127.5)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no image"):
+    with pytest.raises(ValueError, match="no usable image"):
         FolderDataset(tmp_path / "empty", size=8)
 
 

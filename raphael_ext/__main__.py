@@ -90,6 +90,18 @@ def _ablation(args) -> None:
     print(json.dumps(ablation(Path(args.out), steps=args.steps or DEMO_STEPS), indent=1))
 
 
+def _demo_lora(args) -> None:
+    from .evaluation.extensions import lora_demonstration
+
+    print(json.dumps(lora_demonstration(Path(args.pipeline), Path(args.out), steps=args.steps, rank=args.rank), indent=1))
+
+
+def _demo_controlnet(args) -> None:
+    from .evaluation.extensions import controlnet_demonstration
+
+    print(json.dumps(controlnet_demonstration(Path(args.pipeline), Path(args.out), steps=args.steps), indent=1))
+
+
 def _convert(args) -> None:
     from .pipelines.convert import convert_legacy_run
 
@@ -171,6 +183,20 @@ def main(argv=None) -> None:
     ablation.add_argument("--out", default="runs/ablation", help="folder for both runs and ablation.json")
     ablation.add_argument("--steps", type=int, default=None, help="training steps of each run (default: the demo's)")
     ablation.set_defaults(handler=_ablation)
+
+    lora = sub.add_parser("demo-lora", help="teach a pipeline a new colour word with a LoRA and measure it "
+                                             "(make demo-lora)")
+    lora.add_argument("--pipeline", default="runs/demo/pipeline", help="the pipeline to adapt (the demo's)")
+    lora.add_argument("--out", default="runs/lora_demo", help="folder for the data, the run, lora.json and pictures")
+    lora.add_argument("--steps", type=int, default=300, help="LoRA training steps")
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    lora.set_defaults(handler=_demo_lora)
+    control = sub.add_parser("demo-controlnet", help="train a canny ControlNet on a pipeline and measure where it puts "
+                                                     "the shapes (make demo-controlnet)")
+    control.add_argument("--pipeline", default="runs/demo/pipeline", help="the pipeline to control (the demo's)")
+    control.add_argument("--out", default="runs/controlnet_demo", help="folder for the run, controlnet.json, pictures")
+    control.add_argument("--steps", type=int, default=300, help="ControlNet training steps")
+    control.set_defaults(handler=_demo_controlnet)
 
     convert = sub.add_parser("convert", help="turn a raphael_ext 0.1 run folder (unet_ema/, text_encoder.safetensors) "
                                              "into a pipeline folder")

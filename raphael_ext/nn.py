@@ -83,6 +83,9 @@ class MoEOutput(NamedTuple):
     balance_loss: Optional[Tensor]  # Switch-style load-balancing loss (0-dim) if enabled, else None
 
 
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 class ExpertFFNs(nn.Module):
     """E expert FFNs e_k(h) = GELU(h w1[k] + b1[k]) w2[k] + b2[k], stacked: w1 [E, dim, hidden], b1 [E, hidden],
     w2 [E, hidden, dim], b2 [E, dim], initialised like nn.Linear.
@@ -157,8 +160,10 @@ class _ExpertLayer(nn.Module):
         """The expert ops' input, the pre-norm of x: under autocast in the autocast dtype, as nn.Linear would run
         (the ops have no autocast rule, and would otherwise see LayerNorm's float32 output and run in float32)."""
         h = self.norm(x)
-        device = x.device.type  # "meta" (a model built without memory) has no autocast
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        device = x.device.type
+        # Only devices with autocast are asked ("meta", a model built without memory, has none); a fixed list rather
+        # than torch.amp.is_autocast_available, which torch.compile cannot trace before torch 2.12.
+        if device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
             return h.to(torch.get_autocast_dtype(device))
         return h
 

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from ..training.data import COLORS, ShapeSpec, ShapesDataset, relation
+from ..training.data import PALETTE, ShapeSpec, ShapesDataset, relation
 
 # Fill ratio of each shape in its bounding box: a circle covers pi/4, a square all, a triangle half.
 FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
@@ -54,7 +54,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def find_object(pixels: np.ndarray, color: str):
     """The blob of `color`: the largest connected region of pixels within COLOR_TOLERANCE of the palette colour,
     or None when it is smaller than half the smallest object the dataset draws or not compact (noise)."""
-    target = np.array(COLORS[color], dtype=np.int16)
+    target = np.array(PALETTE[color], dtype=np.int16)
     blob = largest_component(np.abs(pixels.astype(np.int16) - target).max(axis=-1) <= COLOR_TOLERANCE)
     smallest = 0.5 * (MIN_SIZE * min(pixels.shape[:2])) ** 2 * FILL["triangle"]
     if blob.sum() < max(MIN_PIXELS, smallest):

@@ -24,6 +24,9 @@ COLORS: Dict[str, Tuple[int, int, int]] = {
     "yellow": (235, 210, 40), "purple": (150, 60, 190), "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle")
+# Colours no ShapesDataset scene has by default: new words for a LoRA to teach (evaluation/extensions.py).
+EXTRA_COLORS: Dict[str, Tuple[int, int, int]] = {"orange": (245, 140, 20)}
+PALETTE = {**COLORS, **EXTRA_COLORS}  # every colour a scene may use, by name
 BACKGROUND = (40, 40, 40)
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 HELD_OUT_SEED = 10_007  # ShapesDataset seed of evaluation's held-out scenes (training uses seed 0 by default)
@@ -50,7 +53,7 @@ def relation(a: ShapeSpec, b: ShapeSpec) -> str:
 
 
 def caption(objects: Sequence[ShapeSpec]) -> str:
-    names = [f"a {o.color} {o.shape}" for o in objects]
+    names = [f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape}" for o in objects]
     if len(objects) == 1:
         return names[0]
     if len(objects) == 2:
@@ -58,11 +61,15 @@ def caption(objects: Sequence[ShapeSpec]) -> str:
     return f"{names[0]} {relation(objects[0], objects[1])} {names[1]}, and {names[2]}"
 
 
-def sample_scene(rng: random.Random, max_objects: int = 3) -> List[ShapeSpec]:
+def sample_scene(rng: random.Random, max_objects: int = 3, colors: Sequence[str] = tuple(COLORS),
+                 first_color: Optional[str] = None) -> List[ShapeSpec]:
     """1..max_objects objects of distinct colours inside the image, centres at least 0.4 apart along some axis:
     with sizes <= 0.38 they never overlap, and the relation in the caption is unambiguous."""
     count = rng.randint(1, max_objects)
-    colors = rng.sample(sorted(COLORS), count)
+    if first_color is None:
+        colors = rng.sample(sorted(colors), count)
+    else:  # the first object in first_color (a scene that teaches that word), the others from `colors`
+        colors = [first_color] + rng.sample(sorted(c for c in colors if c != first_color), count - 1)
     while True:  # rejection sampling; a layout with no room left for the next object starts over
         objects: List[ShapeSpec] = []
         for _ in range(50 * count):
@@ -99,7 +106,7 @@ def render(objects: Sequence[ShapeSpec], height: int, width: int):
     owner = np.full((height, width), -1, dtype=np.int64)
     for i, spec in enumerate(objects):
         covered = shape_mask(spec, height, width)
-        image[covered] = COLORS[spec.color]
+        image[covered] = PALETTE[spec.color]
         owner[covered] = i
     masks = np.stack([owner == i for i in range(len(objects))]) if objects else np.zeros((0, height, width), bool)
     edges = np.zeros((height, width), dtype=bool)  # a pixel whose 4-neighbour belongs to another region
@@ -112,14 +119,20 @@ def render(objects: Sequence[ShapeSpec], height: int, width: int):
 
 class ShapesDataset(Dataset):
     """`length` procedural scenes. item -> dict(image [3, H, W] in [-1, 1], edges [1, H, W] in {0, 1},
-    masks [3, H, W] (visible part of each object, zero rows for absent ones), caption, objects)."""
+    masks [3, H, W] (visible part of each object, zero rows for absent ones), caption, objects).
+
+    first_color (e.g. "orange", from EXTRA_COLORS) puts the first object of every scene in that colour: data that
+    teaches a new colour word."""
 
     def __init__(self, length: int = 10000, size: Union[int, Tuple[int, int]] = 32, seed: int = 0,
-                 max_objects: int = 3):
+                 max_objects: int = 3, first_color: Optional[str] = None):
+        if first_color is not None and first_color not in PALETTE:
+            raise ValueError(f"ShapesDataset: first_color must be one of {sorted(PALETTE)}, got {first_color!r}")
         self.length = length
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.seed = seed
         self.max_objects = max_objects
+        self.first_color = first_color
 
     def __len__(self) -> int:
         return self.length
@@ -127,7 +140,7 @@ class ShapesDataset(Dataset):
     def scene(self, index: int) -> List[ShapeSpec]:
         if not 0 <= index < self.length:
             raise IndexError(f"ShapesDataset: index {index} out of range [0, {self.length})")
-        return sample_scene(random.Random(f"{self.seed}:{index}"), self.max_objects)
+        return sample_scene(random.Random(f"{self.seed}:{index}"), self.max_objects, first_color=self.first_color)
 
     def item(self, index: int, height: int, width: int) -> dict:
         """Item `index` rendered at height x width (what a bucket sampler asks for)."""
@@ -229,5 +242,5 @@ class FolderDataset(Dataset):
         return self.item(index, *self.size)
 
 
-__all__ = ["COLORS", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
+__all__ = ["COLORS", "EXTRA_COLORS", "PALETTE", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
            "sample_scene", "shape_mask", "fit_image", "check_image"]

@@ -1,0 +1,263 @@
+"""Image quality as FID, and the guidance trade-off of paper Fig. 6b (alignment against FID over guidance weights).
+
+FID is torchmetrics' FrechetInceptionDistance over the features of a network that maps float images [N, 3, H, W] in
+[0, 1] to [N, d]. Nothing is downloaded:
+
+- `ShapesFeatureNet`: for the shapes task, a small CNN trained in seconds on ShapesDataset renders to name their
+  colours, shapes and object count (as MNIST papers compute FID with a LeNet); its penultimate layer gives 32-d
+  features. Its figures are "FID (shapes-CNN features)": comparable with each other, not with published FIDs.
+- `InceptionFeatures`: the standard FID network (Inception-v3 pool3, 2048-d) from a local weights file, for real data.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
+
+from ..atomic_io import atomic_save_safetensors
+from ..pipelines.pipeline_raphael import RaphaelPipeline
+from ..training.data import COLORS, HELD_OUT_SEED, SHAPES, ShapeSpec, ShapesDataset
+from .judge import judge_image
+
+FEATURE_NET_SEED = 20_011  # ShapesDataset seed of the feature net's training renders (not training's, not held-out)
+FEATURE_NET_SIZE = 32  # the resolution the feature net sees; other sizes are resized to it
+MAX_OBJECTS = 3
+GUIDANCES = (1.5, 3.0, 4.5, 6.0, 7.5, 9.0)  # paper Fig. 6b's range
+
+
+def scene_attributes(objects: Sequence[ShapeSpec]) -> Tensor:
+    """What the feature net learns to name: which colours and which shapes are present, and the object count
+    (one-hot) -> float [len(COLORS) + len(SHAPES) + MAX_OBJECTS] of 0/1."""
+    target = torch.zeros(len(COLORS) + len(SHAPES) + MAX_OBJECTS)
+    for obj in objects:
+        target[list(COLORS).index(obj.color)] = 1
+        target[len(COLORS) + SHAPES.index(obj.shape)] = 1
+    target[len(COLORS) + len(SHAPES) + len(objects) - 1] = 1
+    return target
+
+
+class ShapesFeatureNet(nn.Module):
+    """A LeNet-sized CNN whose penultimate layer (32-d, before its ReLU) gives FID features for the shapes task;
+    forward: float images [N, 3, H, W] in [0, 1] -> [N, 32]. The average pool keeps a 4 x 4 grid, so the features
+    see where things are (the relations), not only what is there."""
+
+    num_features = 32  # read by torchmetrics (no probe image needed)
+    label = "shapes-CNN"
+    description = ("shapes-CNN: 32-d penultimate layer of a small CNN trained on ShapesDataset renders to name their "
+                   "colours, shapes and count (not Inception-v3; comparable only with other shapes-CNN FIDs)")
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(64 * 16, self.num_features))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(self.num_features, len(COLORS) + len(SHAPES) + MAX_OBJECTS))
+        self.scene_accuracy: Optional[float] = None  # set by training or loading
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float()
+        if x.shape[-2:] != (FEATURE_NET_SIZE, FEATURE_NET_SIZE):
+            x = F.interpolate(x, size=(FEATURE_NET_SIZE, FEATURE_NET_SIZE), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return self.body(x * 2 - 1)
+
+    def attribute_logits(self, images: Tensor) -> Tensor:
+        return self.head(self(images))
+
+
+def _renders(count: int, seed: int) -> tuple:
+    """(images float [count, 3, 32, 32] in [0, 1], attribute targets [count, 12]) of ShapesDataset scenes."""
+    data = ShapesDataset(count, FEATURE_NET_SIZE, seed=seed, max_objects=MAX_OBJECTS)
+    items = [data[i] for i in range(count)]
+    return (torch.stack([(item["image"] + 1) / 2 for item in items]),
+            torch.stack([scene_attributes(item["objects"]) for item in items]))
+
+
+def scene_accuracy(net: ShapesFeatureNet, images: Tensor, targets: Tensor) -> float:
+    """Fraction of scenes whose every attribute (colours, shapes, count) the net names right."""
+    with torch.no_grad():
+        predicted = net.attribute_logits(images) > 0
+    return float((predicted == targets.bool()).all(1).float().mean())
+
+
+def train_shapes_feature_net(steps: int = 400, seed: int = 0, batch: int = 64, renders: int = 2048) -> ShapesFeatureNet:
+    """Trains ShapesFeatureNet (seconds on a CPU) on `renders` ShapesDataset scenes with a fixed seed, so the same
+    arguments give the same net; its scene_accuracy is measured on 512 other renders."""
+    images, targets = _renders(renders, FEATURE_NET_SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ShapesFeatureNet()
+        optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+        for _ in tqdm(range(steps), desc="shapes feature net", unit="step"):
+            pick = torch.randint(0, renders, (batch,))
+            loss = F.binary_cross_entropy_with_logits(net.attribute_logits(images[pick]), targets[pick])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    net.eval().requires_grad_(False)
+    net.scene_accuracy = scene_accuracy(net, *_renders(512, FEATURE_NET_SEED + 1))
+    return net
+
+
+def shapes_feature_net(cache_dir: Optional[Union[str, Path]] = None, steps: int = 400,
+                       seed: int = 0) -> ShapesFeatureNet:
+    """The trained ShapesFeatureNet: read from cache_dir/shapes_feature_net_s<seed>_n<steps>.safetensors when there,
+    else trained (train_shapes_feature_net) and, with a cache_dir, written there atomically."""
+    cached = None if cache_dir is None else Path(cache_dir) / f"shapes_feature_net_s{seed}_n{steps}.safetensors"
+    if cached is not None and cached.is_file():
+        net = ShapesFeatureNet()
+        net.load_state_dict(load_file(str(cached)))
+        with safe_open(str(cached), framework="pt") as f:
+            net.scene_accuracy = float(f.metadata()["scene_accuracy"])
+        return net.eval().requires_grad_(False)
+    net = train_shapes_feature_net(steps=steps, seed=seed)
+    if cached is not None:
+        atomic_save_safetensors(net.state_dict(), cached, metadata={"scene_accuracy": str(net.scene_accuracy)})
+    return net
+
+
+class InceptionFeatures(nn.Module):
+    """FID's standard features, Inception-v3 pool3 (2048-d), through torchmetrics' port (needs torch-fidelity), with
+    the weights read from a local file: the FID port's pt_inception-2015-12-05-6726825d.pth (torch.load, which reads
+    tensors only). Never downloads: without the file it raises. forward: float images [N, 3, H, W] in [0, 1]."""
+
+    num_features = 2048
+    label = "Inception-v3"
+    description = "Inception-v3 pool3 (2048-d), the standard FID features"
+
+    def __init__(self, weights_path: Union[str, Path]):
+        super().__init__()
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"InceptionFeatures: no weights file at {path}. FID's Inception-v3 weights are "
+                                    "never downloaded here: pass the path of a local pt_inception-2015-12-05-"
+                                    "6726825d.pth")
+        try:
+            import torch_fidelity  # noqa: F401  (torchmetrics' Inception port is built on it)
+        except ImportError as error:
+            raise ImportError("InceptionFeatures needs torch-fidelity (pip install torch-fidelity); the shapes task "
+                              "needs no Inception (ShapesFeatureNet)") from error
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.inception = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)],
+                                            feature_extractor_weights_path=str(path))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.inception((images.clamp(0, 1) * 255).round().to(torch.uint8))
+
+
+def frechet_distance(real: Tensor, fake: Tensor, feature: nn.Module, batch: int = 256) -> float:
+    """FID between two sets: torchmetrics' FrechetInceptionDistance with `feature` as its network (real and fake are
+    what it takes: float images [N, 3, H, W] in [0, 1] for the feature nets here). Each set needs 2 or more items;
+    with fewer items than feature dimensions the covariances are singular and FID is biased upward, so compare FIDs
+    only at equal counts."""
+    metric = FrechetInceptionDistance(feature=feature, normalize=True)
+    with torch.no_grad():
+        for images, is_real in ((real, True), (fake, False)):
+            for start in range(0, len(images), batch):
+                metric.update(images[start : start + batch], real=is_real)
+        return float(metric.compute())
+
+
+def _generate(pipe: RaphaelPipeline, captions: List[str], steps: int, guidance_scale: float,
+              batch: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] images for the captions, seeded per batch as evaluate() seeds them (the same prompts, noise
+    and pixels as its PIL images, so the judge gives the same scores)."""
+    images = []
+    for start in range(0, len(captions), batch):
+        images.append(pipe(captions[start : start + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                           generator=torch.Generator().manual_seed(start), output_type="np").images)
+    return (np.concatenate(images) * 255).round().astype(np.uint8)
+
+
+def _as_float(images: np.ndarray) -> Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: Sequence[float] = GUIDANCES,
+                   count: int = 64, steps: int = 25, real_images: Optional[Tensor] = None,
+                   feature: Optional[nn.Module] = None, feature_cache: Optional[Union[str, Path]] = None,
+                   batch: int = 16) -> Dict[str, object]:
+    """Paper Fig. 6b in miniature: for each guidance weight, the `count` held-out shapes prompts are sampled once and
+    scored twice: alignment (the judge; the same figure as evaluate() gives at that count, steps and guidance) and FID
+    against real_images (float [N, 3, H, W] in [0, 1]; default: the held-out renders of the same prompts).
+
+    feature: the FID network (e.g. InceptionFeatures(path)); default the shapes feature net (shapes_feature_net,
+    cached in feature_cache when given). fid_floor is the FID between the held-out renders and `count` other renders:
+    what a perfect generator scores at this count (FID is biased upward at small counts); null with real_images.
+    Writes out_dir/guidance_sweep.json ({"points": [{guidance, alignment, alignment_stderr, fid}], ...}) and
+    out_dir/guidance_sweep.png (alignment against FID, each point labelled with its guidance)."""
+    if count < 2:
+        raise ValueError(f"guidance_sweep: count must be >= 2 (FID and a standard error need two), got {count}")
+    size = pipe.unet.config.sample_size * pipe.vae_stride
+    held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
+    items = [held_out[i] for i in range(count)]
+    captions, scenes = [item["caption"] for item in items], [item["objects"] for item in items]
+    renders = torch.stack([(item["image"] + 1) / 2 for item in items])
+    feature = shapes_feature_net(feature_cache) if feature is None else feature
+    floor = None
+    if real_images is None:
+        others = ShapesDataset(count, size, seed=HELD_OUT_SEED + 1)
+        floor = frechet_distance(renders, torch.stack([(others[i]["image"] + 1) / 2 for i in range(count)]), feature)
+    reference = renders if real_images is None else real_images
+    pipe.set_progress_bar_config(disable=True)
+    points = []
+    for guidance in tqdm(guidances, desc="guidance sweep", unit="weight"):
+        images = _generate(pipe, captions, steps, guidance, batch)
+        scores = [judge_image(image, scene)["score"] for image, scene in zip(images, scenes)]
+        points.append({"guidance": float(guidance), "alignment": float(np.mean(scores)),
+                       "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(count)),
+                       "fid": frechet_distance(reference, _as_float(images), feature)})
+    report = {"points": points, "fid_features": feature.description, "fid_floor": floor,
+              "feature_net_scene_accuracy": getattr(feature, "scene_accuracy", None),
+              "reference": "held-out renders of the prompts" if real_images is None
+              else f"real_images ({len(real_images)})", "prompts": count, "sampling_steps": steps}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "guidance_sweep.json").write_text(json.dumps(report, indent=1))
+    plot_tradeoff(report, out_dir / "guidance_sweep.png", getattr(feature, "label", type(feature).__name__))
+    return report
+
+
+def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_label: str) -> Path:
+    """Alignment (x) against FID (y), one point per guidance weight in sweep order, each labelled; the FID floor
+    dashed when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = report["points"]
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.errorbar([p["alignment"] for p in points], [p["fid"] for p in points],
+                xerr=[p["alignment_stderr"] for p in points], marker="o", capsize=2)
+    for p in points:
+        ax.annotate(f"{p['guidance']:g}", (p["alignment"], p["fid"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    if report["fid_floor"] is not None:
+        ax.axhline(report["fid_floor"], color="gray", linestyle="--", lw=1, label="real vs real renders")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("alignment (shapes judge)")
+    ax.set_ylabel(f"FID ({feature_label} features)")
+    ax.set_title(f"guidance trade-off ({report['prompts']} prompts, {report['sampling_steps']} steps)", fontsize=9)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["FEATURE_NET_SEED", "GUIDANCES", "InceptionFeatures", "ShapesFeatureNet", "frechet_distance",
+           "guidance_sweep", "plot_tradeoff", "scene_accuracy", "scene_attributes", "shapes_feature_net",
+           "train_shapes_feature_net"]
