@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0a"
 # Besides torch (pinned to the build's version in build_extension). Pinned versions for CI: requirements-dev.txt.
 RUNTIME_REQUIREMENTS = ["numpy", "safetensors", "tqdm", "pillow", "open_clip_torch", "diffusers", "transformers",
-                        "peft", "webdataset"]
+                        "peft", "webdataset", "scikit-learn", "torchmetrics", "matplotlib"]
 
 
 def _terminal():

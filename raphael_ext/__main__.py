@@ -8,6 +8,8 @@
     python -m raphael_ext train --init-from runs/x/pipeline --controlnet canny --out runs/cn
     python -m raphael_ext sample --pipeline runs/x/pipeline --prompt "a red circle above a blue square" --out img.png
     python -m raphael_ext evaluate --pipeline runs/x/pipeline --out runs/x/eval
+    python -m raphael_ext evaluate --pipeline runs/x/pipeline --guidance 1.5,3,4.5,6,7.5,9 --out runs/x/sweep
+    python -m raphael_ext analyze --pipeline runs/x/pipeline --out runs/x/analysis
     python -m raphael_ext demo --out runs/demo                  # what `make demo` runs
     python -m raphael_ext convert runs/old runs/old/pipeline    # a run of raphael_ext 0.1 as a pipeline folder
 """
@@ -71,10 +73,31 @@ def _sample(args) -> None:
 
 
 def _evaluate(args) -> None:
-    from .evaluation.evaluate import evaluate
+    """One guidance weight: evaluate() (eval.json); several ("1.5,3,4.5"): the guidance sweep of paper Fig. 6b."""
+    guidances = [float(g) for g in args.guidance.split(",")]
+    if len(guidances) == 1:
+        from .evaluation.evaluate import evaluate
 
-    metrics = evaluate(_pipeline(args), Path(args.out), count=args.count, steps=args.steps, guidance_scale=args.guidance)
+        metrics = evaluate(_pipeline(args), Path(args.out), count=args.count, steps=args.steps,
+                           guidance_scale=guidances[0])
+    else:
+        from .evaluation.quality import InceptionFeatures, guidance_sweep, load_images
+
+        feature = InceptionFeatures(args.inception_weights) if args.inception_weights else None
+        real = load_images(args.real_images) if args.real_images else None
+        metrics = guidance_sweep(_pipeline(args), Path(args.out), guidances=guidances, count=args.count,
+                                 steps=args.steps, real_images=real, feature=feature,
+                                 feature_cache=Path(args.out) / "fid_features")
     print(json.dumps(metrics, indent=1))
+
+
+def _analyze(args) -> None:
+    from .evaluation.analysis import analyze
+
+    families = args.families.split(",") if args.families else None
+    result = analyze(_pipeline(args), Path(args.out), families=families, word_lists=args.word_lists,
+                     samples_per_concept=args.samples, steps=args.steps, seed=args.seed, folds=args.folds)
+    print(json.dumps(result, indent=1))
 
 
 def _demo(args) -> None:
@@ -159,7 +182,11 @@ def main(argv=None) -> None:
         p.add_argument("--out", required=True, help="image file" if name == "sample" else "folder for eval.json and "
                                                                                            "samples.png")
         p.add_argument("--steps", type=int, default=50, help="sampling steps")
-        p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+        if name == "sample":
+            p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+        else:
+            p.add_argument("--guidance", default="4.5", help="guidance scale, or several (e.g. 1.5,3,4.5,6,7.5,9) for "
+                                                             "the alignment vs FID sweep (guidance_sweep.json, .png)")
         p.add_argument("--vae", default=None, help="a local AutoencoderKL folder, for a latent pipeline saved without")
         p.add_argument("--lora", default=None, help="a LoRA (folder or pytorch_lora_weights.safetensors) to apply")
         p.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (0: off)")
@@ -171,7 +198,27 @@ def main(argv=None) -> None:
             p.add_argument("--controlnet-scale", type=float, default=1.0, help="strength of the ControlNet (0: off)")
         else:
             p.add_argument("--count", type=int, default=64, help="held-out prompts to score")
+            p.add_argument("--real-images", default=None,
+                           help="sweep on real data: a folder of images to compute FID against (default: renders)")
+            p.add_argument("--inception-weights", default=None,
+                           help="sweep on real data: local Inception-v3 weights (.safetensors) for the standard FID "
+                                "(default: the shapes-CNN features)")
         p.set_defaults(handler=fn)
+
+    analyze = sub.add_parser("analyze", help="what the experts learn (paper §3.1, Fig. 9): concepts named from their "
+                                             "diffusion paths, time experts' division of the steps")
+    analyze.add_argument("--pipeline", required=True, help="a pipeline folder, e.g. runs/x/pipeline")
+    analyze.add_argument("--out", required=True, help="folder for analysis.json and the pictures")
+    analyze.add_argument("--families", default=None, help="concept families, e.g. color,shape (default: color, shape, "
+                                                          "count, relation)")
+    analyze.add_argument("--word-lists", default=None,
+                         help='your own concepts: JSON {"family": {"concept": ["a prompt with {concept}", ...]}}')
+    analyze.add_argument("--samples", type=int, default=40, help="prompts per concept")
+    analyze.add_argument("--steps", type=int, default=50, help="sampling steps for the time-expert statistics")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the prompts and the cross-validation folds")
+    analyze.add_argument("--folds", type=int, default=5, help="cross-validation folds of the route classifier")
+    analyze.add_argument("--vae", default=None, help="a local AutoencoderKL folder, for a latent pipeline saved without")
+    analyze.set_defaults(handler=_analyze)
 
     demo = sub.add_parser("demo", help="train the tiny preset on shapes and score it (CPU, minutes; make demo)")
     demo.add_argument("--out", default="runs/demo", help="folder for pipeline/, the pictures and metrics.json")
