@@ -34,3 +34,19 @@ def test_demonstrations_run_on_a_tiny_pipeline(tmp_path):
     control = controlnet_demonstration(tmp_path / "base", tmp_path / "cn", steps=2, count=2, sampling_steps=2)
     assert set(control["scale_1"]) == {"alignment", "alignment_stderr", "foreground_iou", "object_iou"}
     assert (tmp_path / "cn" / "controlnet_samples.png").is_file()
+
+
+def test_module_ablation_runs_and_aggregates_over_seeds(tmp_path, monkeypatch):
+    import raphael_ext.evaluation.quality as quality
+    from raphael_ext.evaluation.demo import module_ablation
+
+    net = quality.shapes_feature_net(tmp_path / "features", steps=5)
+    monkeypatch.setattr(quality, "shapes_feature_net", lambda cache_dir=None, **kwargs: net)
+    report = module_ablation(tmp_path / "ablation", steps=2, seeds=(0, 1), variants=("full", "no_edge"),
+                             guidances=(2.0, 5.0), count=2)
+    assert set(report["variants"]) == {"full", "no_edge"} and len(report["variants"]["full"]) == 2
+    point = report["variants"]["no_edge"][1]
+    assert point["guidance"] == 5.0 and point["alignment_stderr"] >= 0 and point["fid_stderr"] >= 0
+    runs = json.loads((tmp_path / "ablation" / "runs.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in runs] == [("full", 0), ("full", 1), ("no_edge", 0), ("no_edge", 1)]
+    assert (tmp_path / "ablation" / "modules.png").is_file()

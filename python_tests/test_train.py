@@ -436,3 +436,14 @@ def test_every_cli_option_has_a_help_text():
                 assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
         helps[name] = next(a.help for a in subparsers._choices_actions if a.dest == name)
     assert len(set(helps.values())) == len(helps), helps  # no two commands share a description
+
+
+def test_low_res_steps_start_at_half_size(tmp_path):
+    """low_res_steps: the first steps' batches at half the resolution (a multiple of the U-Net's stride), the rest at
+    full size; the other draws of each step do not change."""
+    trainer = Trainer(config(tmp_path, low_res_steps=2), device="cpu")
+    plain = Trainer(config(tmp_path, out=str(tmp_path / "plain")), device="cpu")
+    sizes = [tuple(trainer.batch(step)["images"].shape[-2:]) for step in range(4)]
+    assert sizes == [(8, 8), (8, 8), (16, 16), (16, 16)]
+    assert [trainer.batch(s)["captions"] for s in range(4)] == [plain.batch(s)["captions"] for s in range(4)]
+    assert trainer.train_step(0)["loss"] > 0

@@ -108,9 +108,15 @@ def _demo(args) -> None:
 
 
 def _ablation(args) -> None:
-    from .evaluation.demo import DEMO_STEPS, ablation
+    from .evaluation.demo import DEMO_STEPS, ablation, module_ablation
 
-    print(json.dumps(ablation(Path(args.out), steps=args.steps or DEMO_STEPS), indent=1))
+    if args.modules:
+        report = module_ablation(Path(args.out), steps=args.steps or 2 * DEMO_STEPS,
+                                 seeds=[int(s) for s in args.seeds.split(",")],
+                                 guidances=[float(g) for g in args.guidance.split(",")], count=args.count)
+    else:
+        report = ablation(Path(args.out), steps=args.steps or DEMO_STEPS)
+    print(json.dumps(report, indent=1))
 
 
 def _demo_lora(args) -> None:
@@ -228,7 +234,14 @@ def main(argv=None) -> None:
     ablation = sub.add_parser("ablation", help="the demo with and without space-MoE, scores side by side "
                                                "(make ablation)")
     ablation.add_argument("--out", default="runs/ablation", help="folder for both runs and ablation.json")
-    ablation.add_argument("--steps", type=int, default=None, help="training steps of each run (default: the demo's)")
+    ablation.add_argument("--steps", type=int, default=None,
+                          help="training steps of each run (default: the demo's; with --modules twice that)")
+    ablation.add_argument("--modules", action="store_true",
+                          help="paper Fig. 6b: the full model and without space-MoE, time-MoE or edge supervision, each "
+                               "over seeds and guidance weights (modules.json, modules.png)")
+    ablation.add_argument("--seeds", default="0,1", help="with --modules: training seeds")
+    ablation.add_argument("--guidance", default="1.5,3,4.5,7.5", help="with --modules: guidance weights")
+    ablation.add_argument("--count", type=int, default=64, help="with --modules: held-out prompts per point")
     ablation.set_defaults(handler=_ablation)
 
     lora = sub.add_parser("demo-lora", help="teach a pipeline a new colour word with a LoRA and measure it "

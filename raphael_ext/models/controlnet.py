@@ -78,6 +78,7 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         expert_hidden_mult: int = 4,
         gate_noise: float = 0.1,
         pooled_text: bool = False,
+        positional_embedding: bool = False,
         conditioning_channels: int = 1,
         conditioning_downscale: int = 1,
         conditioning_embedding_channels: Tuple[int, ...] = (16, 32),
@@ -88,7 +89,7 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout, space_experts, time_experts,
                                         expert_hidden_mult, gate_noise, balance_loss=False)
         mid_width = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups,
-                                        dropout, block_args, pooled_text)
+                                        dropout, block_args, pooled_text, positional_embedding)
         self.cond_embedding = ConditioningEmbedding(conditioning_channels, channels[0],
                                                     tuple(conditioning_embedding_channels), conditioning_downscale)
         self.controlnet_down_blocks = nn.ModuleList(
@@ -107,7 +108,8 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
             dropout=c.dropout, text_dim=c.text_dim, alpha=c.alpha,
             space_experts=c.space_experts if c.use_space_moe else 0,
             time_experts=c.time_experts if c.use_time_moe else 0, expert_hidden_mult=c.expert_hidden_mult,
-            gate_noise=c.gate_noise, pooled_text=c.get("pooled_text", False), conditioning_channels=conditioning_channels,
+            gate_noise=c.gate_noise, pooled_text=c.get("pooled_text", False),
+            positional_embedding=c.get("positional_embedding", False), conditioning_channels=conditioning_channels,
             conditioning_downscale=conditioning_downscale,
             conditioning_embedding_channels=tuple(conditioning_embedding_channels))
         if load_weights_from_unet:

@@ -137,11 +137,28 @@ class RaphaelBlock(nn.Module):
         return space_out.out, BlockAux(attn_map, space_out.route, time_out.route, balance)
 
 
-class SpatialTransformer(nn.Module):
-    """[B, C, H, W] feature map → tokens → RAPHAEL block → feature map, with a residual around it all."""
+def position_embedding(height: int, width: int, dim: int, device=None) -> Tensor:
+    """Fixed 2D sin-cos embedding [height * width, dim] of each token's position as a fraction of the image (half the
+    channels encode y, half x, as in DiT but resolution-independent, so every bucket shares it)."""
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height * 64
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width * 64
+    y = ys[:, None, None] * freqs
+    x = xs[None, :, None] * freqs
+    emb = torch.cat([torch.sin(y).expand(height, width, quarter), torch.cos(y).expand(height, width, quarter),
+                     torch.sin(x).expand(height, width, quarter), torch.cos(x).expand(height, width, quarter)], dim=-1)
+    return F.pad(emb.reshape(height * width, 4 * quarter), (0, dim - 4 * quarter))
 
-    def __init__(self, dim: int, norm_groups: int, block: RaphaelBlock):
+
+class SpatialTransformer(nn.Module):
+    """[B, C, H, W] feature map → tokens → RAPHAEL block → feature map, with a residual around it all. With
+    positional=True the tokens get position_embedding() (the U-Net's convolutions alone give its attention little
+    sense of where a token is, which spatial relations in a prompt need)."""
+
+    def __init__(self, dim: int, norm_groups: int, block: RaphaelBlock, positional: bool = False):
         super().__init__()
+        self.positional = positional
         self.norm = nn.GroupNorm(norm_groups, dim)
         self.proj_in = nn.Linear(dim, dim)
         self.block = block
@@ -153,6 +170,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: Tensor, text: Tensor, text_lengths: Tensor, temb: Tensor) -> Tuple[Tensor, BlockAux]:
         batch, dim, height, width = x.shape
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        if self.positional:
+            h = h + position_embedding(height, width, dim, h.device).to(h.dtype)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             h, aux = self._gradient_checkpointing_func(self.block, h, text, text_lengths, temb)
         else:
@@ -199,7 +218,7 @@ class RaphaelEncoderMixin:
 
     def _build_encoder(self, in_channels: int, channels: Sequence[int], layers_per_level: int,
                        attention_levels: Sequence[bool], norm_groups: int, dropout: float, block_args: dict,
-                       pooled_text: bool = False) -> int:
+                       pooled_text: bool = False, positional: bool = False) -> int:
         c0 = channels[0]
         time_dim = block_args["time_dim"]
         self.time_embed = nn.Sequential(nn.Linear(c0, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
@@ -211,20 +230,20 @@ class RaphaelEncoderMixin:
         ch = c0
         for level, (width, attention) in enumerate(zip(channels, attention_levels)):
             for _ in range(layers_per_level):
-                self.down.append(self._stage(ch, width, attention, norm_groups, dropout, block_args))
+                self.down.append(self._stage(ch, width, attention, norm_groups, dropout, block_args, positional))
                 ch = width
             if level < len(channels) - 1:
                 self.down.append(nn.ModuleDict({"downsample": nn.Conv2d(ch, ch, 3, stride=2, padding=1)}))
-        self.mid = self._stage(ch, ch, True, norm_groups, dropout, block_args)
+        self.mid = self._stage(ch, ch, True, norm_groups, dropout, block_args, positional)
         self.mid_res = ResBlock(ch, ch, time_dim, norm_groups, dropout)
         return ch
 
     @staticmethod
-    def _stage(in_ch: int, out_ch: int, attention: bool, norm_groups: int, dropout: float,
-               block_args: dict) -> nn.ModuleDict:
+    def _stage(in_ch: int, out_ch: int, attention: bool, norm_groups: int, dropout: float, block_args: dict,
+               positional: bool) -> nn.ModuleDict:
         modules = {"res": ResBlock(in_ch, out_ch, block_args["time_dim"], norm_groups, dropout)}
         if attention:
-            modules["attn"] = SpatialTransformer(out_ch, norm_groups, RaphaelBlock(out_ch, **block_args))
+            modules["attn"] = SpatialTransformer(out_ch, norm_groups, RaphaelBlock(out_ch, **block_args), positional)
         return nn.ModuleDict(modules)
 
     def _time_embedding(self, timestep: Tensor, batch: int, dtype: torch.dtype, text_states: Tensor,
@@ -302,8 +321,9 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
     space_experts/time_experts of 0 (or use_space_moe/use_time_moe False, the ablation switches) turn a MoE off;
     gate_noise is the std of the gates' training noise; use_edge/edge_layers/edge_channels describe P_theta and
     t_cutoff the edge loss's T_c; pooled_text adds the end-of-text token's state to the time embedding, so every
-    ResNet block sees the prompt (SDXL's pooled text embedding; ours, off in the paper's presets); prediction_type is
-    diffusers' ("epsilon" in the paper, "v_prediction", "sample").
+    ResNet block sees the prompt (SDXL's pooled text embedding; ours, off in the paper's presets);
+    positional_embedding adds a fixed 2D sin-cos position to the transformer tokens (DiT's; ours, off in the presets);
+    prediction_type is diffusers' ("epsilon" in the paper, "v_prediction", "sample").
     """
 
     _supports_gradient_checkpointing = True
@@ -336,6 +356,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         edge_channels: int = 32,
         t_cutoff: int = 500,
         pooled_text: bool = False,
+        positional_embedding: bool = False,
         num_train_timesteps: int = 1000,
         prediction_type: str = "epsilon",
         gradient_checkpointing: bool = False,
@@ -360,13 +381,14 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
                                         space_experts if use_space_moe else 0, time_experts if use_time_moe else 0,
                                         expert_hidden_mult, gate_noise, balance_loss)
         ch = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups, dropout,
-                                 block_args, pooled_text)
+                                 block_args, pooled_text, positional_embedding)
         skips = down_stage_widths(channels, layers_per_level)
         self.up = nn.ModuleList()
         for level in reversed(range(len(channels))):
             width, attention = channels[level], attention_levels[level]
             for _ in range(layers_per_level + 1):
-                self.up.append(self._stage(ch + skips.pop(), width, attention, norm_groups, dropout, block_args))
+                self.up.append(self._stage(ch + skips.pop(), width, attention, norm_groups, dropout, block_args,
+                                           positional_embedding))
                 ch = width
             if level > 0:
                 self.up.append(nn.ModuleDict({"upsample": nn.Conv2d(ch, ch, 3, padding=1)}))

@@ -94,6 +94,7 @@ class TrainConfig:
     edge_weight: float = 1.0
     balance_weight: float = 0.01
     multiscale: bool = True
+    low_res_steps: int = 0  # the first N steps at half the training resolution (a fast start; the demo's recipe)
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0  # EMA sample grid every N steps; 0: never
@@ -288,6 +289,9 @@ class Trainer:
         (a file changed on disk, a broken sample in a shard) is replaced by the next one and counted."""
         g = torch.Generator().manual_seed(_seed(self.config.seed, step))
         height, width = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=g))]
+        if step < self.config.low_res_steps:  # half the size, kept a multiple of what the U-Net needs
+            multiple = self.unet.sample_stride * self.vae_stride
+            height, width = (max(multiple, size // 2 // multiple * multiple) for size in (height, width))
         indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist() \
             if not isinstance(self.dataset, ShardStream) else [0] * self.config.batch_size
         dropped = (torch.rand(self.config.batch_size, generator=g) < self.config.caption_dropout).tolist()
