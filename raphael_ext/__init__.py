@@ -2,9 +2,9 @@
 
 Importing the package loads the native extension `raphael_ext._C`, which registers the kernels under
 `torch.ops.raphael_ext`, and then the Python side of each op (autograd and fake kernels). The models, the pipeline
-and the trainer (diffusers-based) are imported when first used: `raphael_ext.RaphaelUNet`, `raphael_ext.RaphaelPipeline`,
-`raphael_ext.RaphaelControlNet`, `raphael_ext.OpenCLIPTextEncoder`, or their subpackages models/, pipelines/,
-training/, evaluation/.
+and the trainer (diffusers-based) are imported when first used: `raphael_ext.RaphaelUNet`,
+`raphael_ext.RaphaelPipeline`, `raphael_ext.RaphaelControlNet`, `raphael_ext.OpenCLIPTextEncoder`, or their
+subpackages models/, pipelines/, training/, evaluation/.
 """
 
 import importlib

@@ -122,7 +122,8 @@ def _ablation(args) -> None:
 def _demo_lora(args) -> None:
     from .evaluation.extensions import lora_demonstration
 
-    print(json.dumps(lora_demonstration(Path(args.pipeline), Path(args.out), steps=args.steps, rank=args.rank), indent=1))
+    report = lora_demonstration(Path(args.pipeline), Path(args.out), steps=args.steps, rank=args.rank)
+    print(json.dumps(report, indent=1))
 
 
 def _demo_controlnet(args) -> None:
@@ -223,7 +224,8 @@ def main(argv=None) -> None:
     analyze.add_argument("--steps", type=int, default=50, help="sampling steps for the time-expert statistics")
     analyze.add_argument("--seed", type=int, default=0, help="seed of the prompts and the cross-validation folds")
     analyze.add_argument("--folds", type=int, default=5, help="cross-validation folds of the route classifier")
-    analyze.add_argument("--vae", default=None, help="a local AutoencoderKL folder, for a latent pipeline saved without")
+    analyze.add_argument("--vae", default=None,
+                         help="a local AutoencoderKL folder, for a latent pipeline saved without")
     analyze.set_defaults(handler=_analyze)
 
     demo = sub.add_parser("demo", help="train the tiny preset on shapes and score it (CPU, minutes; make demo)")
@@ -237,8 +239,8 @@ def main(argv=None) -> None:
     ablation.add_argument("--steps", type=int, default=None,
                           help="training steps of each run (default: the demo's; with --modules twice that)")
     ablation.add_argument("--modules", action="store_true",
-                          help="paper Fig. 6b: the full model and without space-MoE, time-MoE or edge supervision, each "
-                               "over seeds and guidance weights (modules.json, modules.png)")
+                          help="paper Fig. 6b: the full model and without space-MoE, time-MoE or edge supervision, "
+                               "each over seeds and guidance weights (modules.json, modules.png)")
     ablation.add_argument("--seeds", default="0,1", help="with --modules: training seeds")
     ablation.add_argument("--guidance", default="1.5,3,4.5,7.5", help="with --modules: guidance weights")
     ablation.add_argument("--count", type=int, default=64, help="with --modules: held-out prompts per point")
@@ -263,7 +265,8 @@ def main(argv=None) -> None:
     convert.add_argument("run", help="the old run folder (or its unet_ema/ folder)")
     convert.add_argument("out", help="the pipeline folder to write")
     convert.add_argument("--text-checkpoint", default=None,
-                         help="OpenCLIP .safetensors the run trained with (default: the run's text_encoder.safetensors)")
+                         help="OpenCLIP .safetensors the run trained with (default: the run's "
+                              "text_encoder.safetensors)")
     convert.add_argument("--vae", default=None, help="latent runs: the local AutoencoderKL folder they used")
     convert.set_defaults(handler=_convert)
 

@@ -133,7 +133,8 @@ def _balance_loss(probs: Tensor, route: Tensor, valid: Tensor) -> Tensor:
     num_experts = probs.shape[-1]
     weights = valid.to(probs.dtype)
     count = weights.sum().clamp_min(1)
-    fraction = (F.one_hot(route, num_experts).to(probs.dtype) * weights.unsqueeze(-1)).sum(tuple(range(route.dim()))) / count
+    routed = F.one_hot(route, num_experts).to(probs.dtype) * weights.unsqueeze(-1)
+    fraction = routed.sum(tuple(range(route.dim()))) / count
     mean_prob = (probs * weights.unsqueeze(-1)).sum(tuple(range(route.dim()))) / count
     return num_experts * (fraction * mean_prob).sum()
 
@@ -197,7 +198,8 @@ class SpaceMoE(_ExpertLayer):
         balance = None
         if self.balance_loss:
             positions = torch.arange(route.shape[1], device=route.device)
-            valid = positions < text_lengths.unsqueeze(1) if text_lengths is not None else torch.ones_like(route, dtype=torch.bool)
+            valid = (positions < text_lengths.unsqueeze(1) if text_lengths is not None
+                     else torch.ones_like(route, dtype=torch.bool))
             balance = _balance_loss(probs, route, valid)
         return MoEOutput(out, route, balance)
 

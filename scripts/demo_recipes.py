@@ -1,5 +1,5 @@
-"""The demo's recipe search (README, "The demo run"): trains the tiny preset on shapes with one recipe per run and scores
-the EMA pipeline on held-out prompts with the judge, writing one JSON line per run.
+"""The demo's recipe search (README, "The demo run"): trains the tiny preset on shapes with one recipe per run and
+scores the EMA pipeline on held-out prompts with the judge, writing one JSON line per run.
 
     python scripts/demo_recipes.py --out runs/recipes --steps 300 --prompts 32 \\
         --recipe baseline '{}' --recipe text '{"train_text_encoder": true}'

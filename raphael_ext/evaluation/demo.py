@@ -1,5 +1,6 @@
-"""The CPU demo (`make demo`): train the tiny preset on shapes for a few minutes, then sample, score and draw it; and the
-ablation (`make ablation`): the same budget with and without space-MoE."""
+"""The CPU demo (`make demo`): train the demo's recipe on shapes for a few minutes, then sample, score and draw it;
+the ablation (`make ablation`): the same budget with and without space-MoE; and the module ablation of paper Fig. 6b
+(`python -m raphael_ext ablation --modules`)."""
 
 import json
 import time
@@ -15,10 +16,10 @@ from ..training.trainer import TrainConfig, Trainer
 from .evaluate import evaluate
 
 DEMO_STEPS = 800  # about 7 minutes of training and 1 of evaluation on 2 CPU cores, inside the 10-minute budget
-# The demo's recipe (TrainConfig fields; "model" holds RaphaelUNet overrides of the tiny preset); README, "The demo run",
-# says why each differs from the paper's, and scripts/demo_recipes.py searched it: half the tiny preset's widths (3x
-# faster steps), x0 prediction, a 10x learning rate with a fast EMA, and two conditioning aids of ours (the pooled text
-# embedding in the time embedding, positions for the transformer tokens).
+# The demo's recipe (TrainConfig fields; "model" holds RaphaelUNet overrides of the tiny preset); README, "The demo
+# run", says why each differs from the paper's, and scripts/demo_recipes.py searched it: half the tiny preset's
+# widths (3x faster steps), x0 prediction, a 10x learning rate with a fast EMA, and two conditioning aids of ours (the
+# pooled text embedding in the time embedding, positions for the transformer tokens).
 DEMO_RECIPE = {"batch_size": 16, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.99,
                "model": {"prediction_type": "sample", "channels": [32, 64], "norm_groups": 8, "pooled_text": True,
                          "positional_embedding": True}}

@@ -42,7 +42,8 @@ def _sample(pipe: RaphaelPipeline, captions: List[str], steps: int, guidance: fl
 
 def _score(images, items) -> Dict[str, float]:
     scores = [judge_image(image, item["objects"])["score"] for image, item in zip(images, items)]
-    return {"alignment": float(np.mean(scores)), "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(len(scores)))}
+    stderr = float(np.std(scores, ddof=1) / np.sqrt(len(scores)))
+    return {"alignment": float(np.mean(scores)), "alignment_stderr": stderr}
 
 
 def lora_demonstration(pipeline: Path, out: Path, color: str = "orange", steps: int = 300, rank: int = 8,
@@ -87,9 +88,11 @@ def lora_demonstration(pipeline: Path, out: Path, color: str = "orange", steps: 
                     base_images = images
                 else:
                     captions = [it["caption"] for it in items[:8]]
-                    image_grid(base_images[:8] + images[:8], captions + captions, columns=8).save(out / "lora_samples.png")
+                    sheet = image_grid(base_images[:8] + images[:8], captions + captions, columns=8)
+                    sheet.save(out / "lora_samples.png")
     report = {"color": color, "rank": rank, "train_steps": steps, "train_seconds": round(trained, 1),
-              "prompts": count, "adapter_bytes": (out / "run" / "lora" / "pytorch_lora_weights.safetensors").stat().st_size,
+              "prompts": count,
+              "adapter_bytes": (out / "run" / "lora" / "pytorch_lora_weights.safetensors").stat().st_size,
               **{k: (round(v, 4) if isinstance(v, float) else {kk: round(vv, 4) for kk, vv in v.items()})
                  for k, v in results.items()}}
     (out / "lora.json").write_text(json.dumps(report, indent=1))

@@ -24,7 +24,8 @@ MIN_SIZE = 0.22  # the smallest object ShapesDataset draws, as a fraction of the
 def _as_uint8(image) -> np.ndarray:
     """PIL image, uint8 [H, W, 3] array or float tensor [3, H, W] in [-1, 1] -> uint8 [H, W, 3]."""
     if isinstance(image, torch.Tensor):
-        return ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        pixels = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(1, 2, 0).cpu().numpy()
     return np.asarray(image, dtype=np.uint8)[..., :3]
 
 

@@ -18,7 +18,8 @@ _LUMA = (0.299, 0.587, 0.114)
 
 def _check_images(images: Tensor, who: str) -> None:
     if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
-        raise ValueError(f"{who}: expected float images [B, 3, H, W] in [0, 1], got {tuple(images.shape)} {images.dtype}")
+        raise ValueError(f"{who}: expected float images [B, 3, H, W] in [0, 1], got {tuple(images.shape)} "
+                         f"{images.dtype}")
 
 
 def sobel_edges(images: Tensor, threshold: float = 0.1) -> Tensor:

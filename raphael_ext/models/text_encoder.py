@@ -90,8 +90,9 @@ class OpenCLIPTextEncoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
         name: "ViT-g-14" (the paper's), "small", "tiny" or another open_clip model name.
 
     The tower is frozen (requires_grad False) when built or loaded; `requires_grad_(True)` makes it trainable, and
-    encode() then follows autograd. LoRA through PEFT (`add_adapter`) applies to the MLP of every residual block (`c_fc`, `c_proj`; open_clip's
-    attention is torch's nn.MultiheadAttention, whose fused projections PEFT's LoRA layers do not wrap).
+    encode() then follows autograd. LoRA through PEFT (`add_adapter`) applies to the MLP of every residual block
+    (`c_fc`, `c_proj`; open_clip's attention is torch's nn.MultiheadAttention, whose fused projections PEFT's LoRA
+    layers do not wrap).
     """
 
     @register_to_config

@@ -43,7 +43,8 @@ def sigmoid_focal_loss(
 def _sigmoid_focal_loss_fake(logits, targets, alpha, gamma, reduction, sample_mask):
     torch._check(logits.shape == targets.shape, lambda: "sigmoid_focal_loss: targets must have the shape of logits")
     torch._check(reduction in ("none", "mean", "sum"), lambda: f"sigmoid_focal_loss: bad reduction {reduction!r}")
-    loss = torch.empty_like(logits, memory_format=torch.contiguous_format) if reduction == "none" else logits.new_empty(())
+    loss = (torch.empty_like(logits, memory_format=torch.contiguous_format) if reduction == "none"
+            else logits.new_empty(()))
     dloss = torch.empty_like(logits, memory_format=torch.contiguous_format)
     norm = logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
     return loss, dloss, norm

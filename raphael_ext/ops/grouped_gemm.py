@@ -37,7 +37,8 @@ def _grouped_gemm_fake(a, b, offsets, bias=None, activation=None):
     torch._check(a.dim() == 2 and b.dim() == 3, lambda: "grouped_gemm: a must be [T, K] and b [E, K, N]")
     torch._check(a.shape[1] == b.shape[1], lambda: "grouped_gemm: b must have shape [E, K, N] with K = a.size(1)")
     torch._check(offsets.shape == (b.shape[0],), lambda: "grouped_gemm: offsets must have shape [E]")
-    torch._check(activation in (None, "gelu"), lambda: f"grouped_gemm: activation must be None or 'gelu', got {activation!r}")
+    torch._check(activation in (None, "gelu"),
+                 lambda: f"grouped_gemm: activation must be None or 'gelu', got {activation!r}")
     return a.new_empty((a.shape[0], b.shape[2]))
 
 

@@ -21,7 +21,7 @@ def space_moe(
     b2: Tensor,
     text_lengths: Optional[Tensor] = None,
 ) -> Tensor:
-    """y_j = (1/n_y) sum_{i < n_y} gate_i * e_{route_i}(x_j * mask_ji), with e_k(h) = GELU(h w1[k] + b1[k]) w2[k] + b2[k].
+    """y_j = (1/n_y) sum_{i < n_y} gate_i * e_{route_i}(x_j * mask_ji), e_k(h) = GELU(h w1[k] + b1[k]) w2[k] + b2[k].
 
     Args:
         x: image features [B, N_x, C] (float32/float16/bfloat16, float64 too).

@@ -122,9 +122,11 @@ class RaphaelPipeline(DiffusionPipeline, RaphaelLoraLoaderMixin):
         if isinstance(control_image, PIL.Image.Image):
             control_image = [control_image]
         if isinstance(control_image, list):
-            control_image = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB") if im.mode != "L" else im,
-                                                                     dtype=np.float32) / 255.0) for im in control_image])
-            control_image = control_image.unsqueeze(1) if control_image.dim() == 3 else control_image.permute(0, 3, 1, 2)
+            arrays = [np.asarray(im.convert("RGB") if im.mode != "L" else im, dtype=np.float32) / 255.0
+                      for im in control_image]
+            control_image = torch.stack([torch.from_numpy(a) for a in arrays])
+            control_image = (control_image.unsqueeze(1) if control_image.dim() == 3
+                             else control_image.permute(0, 3, 1, 2))
         if not torch.is_tensor(control_image) or control_image.dim() != 4 or control_image.shape[1] not in (1, 3):
             raise ValueError("RaphaelPipeline: control_image must be a PIL image, a list of them, or a tensor "
                              "[B, 3, H, W] (an image) / [B, 1, H, W] (an edge map) in [0, 1]")

@@ -63,7 +63,8 @@ class Checkpoints:
     def save(self, step: int, extra_state: dict) -> Path:
         """Writes step-XXXXXXX/ (every rank calls it; rank 0 writes) and prunes older ones beyond keep_last."""
         offload = self.sharded  # gathered into rank 0's CPU memory, not the GPU's
-        model = get_model_state_dict(self.trained, options=self._options(cpu_offload=offload, ignore_frozen_params=True))
+        model = get_model_state_dict(self.trained,
+                                     options=self._options(cpu_offload=offload, ignore_frozen_params=True))
         ema = get_model_state_dict(self.ema, options=self._options(cpu_offload=offload)) if self.ema is not None else {}
         optimizer = get_optimizer_state_dict(self.trained, self.optimizer, options=self._options(cpu_offload=offload))
         final = self.root / f"step-{step:07d}"
@@ -131,7 +132,8 @@ class Checkpoints:
                 logger.warning("resume: skipping %s", error)
                 continue
             if skipped and self.rank == 0:
-                print(f"resume: took {folder.name}; skipped {len(skipped)} newer checkpoint(s):\n  " + "\n  ".join(skipped))
+                print(f"resume: took {folder.name}; skipped {len(skipped)} newer checkpoint(s):\n  "
+                      + "\n  ".join(skipped))
             return folder, state
         if not skipped:
             raise CheckpointError(f"resume: no checkpoint in {self.root}")

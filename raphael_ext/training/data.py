@@ -242,5 +242,6 @@ class FolderDataset(Dataset):
         return self.item(index, *self.size)
 
 
-__all__ = ["COLORS", "EXTRA_COLORS", "PALETTE", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset", "FolderDataset", "caption", "relation", "render",
+__all__ = ["COLORS", "EXTRA_COLORS", "PALETTE", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset",
+           "FolderDataset", "caption", "relation", "render",
            "sample_scene", "shape_mask", "fit_image", "check_image"]

@@ -81,8 +81,9 @@ class _StreamDataset(IterableDataset):
             if not shards:
                 empty_epochs += 1
                 if empty_epochs > 1:
-                    raise ValueError(f"shards: {len(self.urls)} shards leave none for rank {self.rank} stream {stream} "
-                                     f"of {self.world} ranks x {self.streams} workers; use fewer workers or more shards")
+                    raise ValueError(f"shards: {len(self.urls)} shards leave none for rank {self.rank} stream "
+                                     f"{stream} of {self.world} ranks x {self.streams} workers; use fewer workers or "
+                                     "more shards")
             while position.shard < len(shards):
                 source = wds.WebDataset(shards[position.shard], shardshuffle=False, nodesplitter=None,
                                         workersplitter=None, empty_check=False, handler=wds.warn_and_continue)
@@ -111,7 +112,8 @@ class ShardStream:
         self.urls = expand_shards(pattern)
         missing = [u for u in self.urls if "://" not in u and not _exists(u)]
         if missing:
-            raise FileNotFoundError(f"shards: {len(missing)} of {len(self.urls)} shards do not exist, e.g. {missing[0]}")
+            raise FileNotFoundError(f"shards: {len(missing)} of {len(self.urls)} shards do not exist, "
+                                    f"e.g. {missing[0]}")
         self.rank, self.world, self.workers, self.seed, self.min_size = rank, world, workers, seed, min_size
         self.streams = max(1, workers)
         self.positions = [StreamPosition() for _ in range(self.streams)]

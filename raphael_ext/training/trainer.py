@@ -56,7 +56,8 @@ def buckets(sample_size: int, multiple: int) -> List[Tuple[int, int]]:
     scale = sample_size / 640
     out = []
     for h, w in PAPER_BUCKETS:
-        size = (max(multiple, round(h * scale / multiple) * multiple), max(multiple, round(w * scale / multiple) * multiple))
+        size = (max(multiple, round(h * scale / multiple) * multiple),
+                max(multiple, round(w * scale / multiple) * multiple))
         if size not in out:
             out.append(size)
     return out
@@ -102,7 +103,7 @@ class TrainConfig:
     keep_last: int = 3
     dataset_size: int = 100_000
     text_checkpoint: Optional[str] = None  # a local OpenCLIP .safetensors for the preset's text tower
-    vae: Optional[str] = None  # latent presets: a local diffusers AutoencoderKL folder (safetensors) that encodes images
+    vae: Optional[str] = None  # latent presets: a local diffusers AutoencoderKL folder (safetensors) encoding images
     model: Dict[str, object] = field(default_factory=dict)  # RaphaelUNet overrides of the preset
     init_from: Optional[str] = None  # a pipeline folder to start from (instead of the preset's fresh weights)
     train_text_encoder: bool = False  # fine-tune the text tower too (the paper keeps ViT-g/14 frozen)
@@ -144,7 +145,8 @@ class Trainer:
         self.trained = self._select_trained()
         self.ema = None
         if config.mode != "lora":  # a LoRA is trained and saved as it is, like diffusers' LoRA scripts
-            self.ema = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False).eval() for k, m in self.trained.items()})
+            self.ema = nn.ModuleDict({k: copy.deepcopy(m).requires_grad_(False).eval()
+                                      for k, m in self.trained.items()})
         # Without a process group there is nothing to shard over: fsdp=True then trains like one DDP rank.
         self.sharded = config.fsdp and dist.is_initialized()
         self.forward_models = self._distribute()
@@ -196,7 +198,8 @@ class Trainer:
                 vae = load_vae(config.vae, device=self.device)
         else:
             unet = RaphaelUNet.from_preset(config.preset, **config.model)
-            text_encoder = OpenCLIPTextEncoder.from_open_clip(PRESET_TEXT_ENCODERS[config.preset], config.text_checkpoint)
+            text_encoder = OpenCLIPTextEncoder.from_open_clip(PRESET_TEXT_ENCODERS[config.preset],
+                                                              config.text_checkpoint)
             tokenizer = openclip_tokenizer(text_encoder.context_length)
             vae = self._load_vae(unet)
         if unet.config.latent and vae is None:
@@ -512,7 +515,8 @@ class Trainer:
         state = get_model_state_dict(self.trained, options=StateDictOptions(
             full_state_dict=self.sharded, cpu_offload=self.sharded, ignore_frozen_params=True))
         if self.rank == 0:
-            save_lora_weights(folder, state, {name: model.peft_config["default"] for name, model in self.trained.items()})
+            configs = {name: model.peft_config["default"] for name, model in self.trained.items()}
+            save_lora_weights(folder, state, configs)
 
     @classmethod
     def resume(cls, out: str, steps: Optional[int] = None, device: Optional[str] = None, **overrides) -> "Trainer":
