@@ -186,10 +186,11 @@ def build_extension():
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, torch_requirement
 
 
-ext_modules, cmdclass, torch_requirement = build_extension()
-setup(
-    packages=find_packages(include=["raphael_ext", "raphael_ext.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=[torch_requirement, *RUNTIME_REQUIREMENTS],
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; the tests import its helpers
+    ext_modules, cmdclass, torch_requirement = build_extension()
+    setup(
+        packages=find_packages(include=["raphael_ext", "raphael_ext.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        install_requires=[torch_requirement, *RUNTIME_REQUIREMENTS],
+    )

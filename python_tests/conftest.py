@@ -1,4 +1,14 @@
-import raphael_ext  # noqa: F401  (loads the extension and registers the ops before any test)
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter. Triton reads TRITON_INTERPRET when it defines its
+# own @jit functions, i.e. the first time anything imports triton (diffusers does, through torch._dynamo), so it is
+# set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import raphael_ext  # noqa: E402,F401  (loads the extension and registers the ops before any test)
 
 
 def pytest_configure(config):

@@ -9,8 +9,7 @@ import torch
 
 from helpers import CUDA
 
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is imported, just below
+assert CUDA or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET=1 without a GPU"
 triton_kernels = pytest.importorskip("raphael_ext.triton_kernels")
 
 from attention_reference import assert_within_torch_error, eager_attention  # noqa: E402

@@ -1,0 +1,37 @@
+"""setup.py's choices of GPU archs: a Hopper GPU is built as sm_90a (its wgmma kernels need it), and the build says
+when it compiles sm_90a code."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SETUP = Path(__file__).resolve().parents[1] / "setup.py"
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    spec = importlib.util.spec_from_file_location("raphael_ext_setup", SETUP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines the helpers, builds nothing
+    return module
+
+
+def fake_torch(*capabilities):
+    cuda = SimpleNamespace(device_count=lambda: len(capabilities), get_device_capability=lambda i: capabilities[i])
+    return SimpleNamespace(cuda=cuda)
+
+
+def test_visible_hopper_gpus_build_sm90a(setup_module):
+    assert setup_module.visible_gpu_archs(fake_torch((9, 0))) == "9.0a"
+    assert setup_module.visible_gpu_archs(fake_torch((9, 0), (8, 0), (9, 0))) == "8.0;9.0a"
+    assert setup_module.visible_gpu_archs(fake_torch((8, 6))) == "8.6"
+    assert setup_module.visible_gpu_archs(fake_torch((10, 0))) == "10.0"
+
+
+def test_sm90a_is_recognised_in_arch_lists(setup_module):
+    for arch_list in ("8.0;9.0a", "9.0a", "9.0a+PTX", "8.0 9.0a"):
+        assert setup_module.builds_sm90a(arch_list), arch_list
+    for arch_list in ("9.0", "8.0;9.0+PTX", "10.0a", ""):
+        assert not setup_module.builds_sm90a(arch_list), arch_list
