@@ -28,8 +28,9 @@ deps: $(VENV)/.deps-installed
 install: deps
 	@mkdir -p build
 	@echo "building raphael_ext with pip install . (log: build/pip-install.log)"
-	@RAPHAEL_EXT_BUILD_QUIET=1 $(PY) -m pip install -v . > build/pip-install.log 2>&1 \
-		|| { tail -n 60 build/pip-install.log; echo "raphael_ext build failed, see build/pip-install.log"; exit 1; }
+	@start=$$(date +%s); RAPHAEL_EXT_BUILD_QUIET=1 $(PY) -m pip install -v . > build/pip-install.log 2>&1 \
+		|| { tail -n 60 build/pip-install.log; echo "raphael_ext build failed, see build/pip-install.log"; exit 1; }; \
+		echo "pip install . took $$(( $$(date +%s) - start )) s"
 	@grep "\[raphael_ext build\]" build/pip-install.log | awk '!seen[$$0]++' || true
 
 ## install-incremental: rebuild against .venv's own torch, recompiling only what changed (kernel work)
