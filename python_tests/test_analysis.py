@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
 from scipy import linalg
 from torch import nn
 
@@ -15,8 +17,8 @@ from raphael_ext import RaphaelPipeline
 from raphael_ext.evaluation.analysis import (ConceptPrompt, analyze, find_token, load_word_lists, record_concept_paths,
                                              route_classifier, shapes_concept_prompts, time_expert_shares)
 from raphael_ext.evaluation.evaluate import evaluate
-from raphael_ext.evaluation.quality import (InceptionFeatures, ShapesFeatureNet, frechet_distance, guidance_sweep,
-                                            shapes_feature_net)
+from raphael_ext.evaluation.quality import (InceptionFeatures, OpenCLIPScore, ShapesFeatureNet, frechet_distance,
+                                            guidance_sweep, shapes_feature_net)
 from raphael_ext.pipelines.paths import DiffusionPaths
 from raphael_ext.training.data import COLORS, ShapesDataset
 
@@ -253,3 +255,92 @@ def test_cli_analyze_and_guidance_sweep(pipe, feature_net, tmp_path, monkeypatch
     sweep = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())
     assert [point["guidance"] for point in sweep["points"]] == [1.0, 4.0]
     assert (tmp_path / "sweep" / "guidance_sweep.png").is_file()
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A randomly initialised open_clip model small enough for CI, registered under its own name, and its state dict
+    as a .safetensors checkpoint."""
+    open_clip = pytest.importorskip("open_clip")
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "raphael-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "raphael-test-clip.json")
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms("raphael-test-clip")
+    save_file(model.state_dict(), str(folder / "clip.safetensors"))
+    return model.eval(), preprocess, folder / "clip.safetensors"
+
+
+def test_clip_score_is_open_clips_cosine(tiny_clip):
+    """100 * max(cos, 0) between open_clip's own image features (its PIL preprocessing) and text features."""
+    import open_clip
+    from PIL import Image
+
+    model, preprocess, checkpoint = tiny_clip
+    scorer = OpenCLIPScore("raphael-test-clip", checkpoint)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow star", "x", "", "an orange"]
+    with torch.no_grad():
+        pil = torch.stack([preprocess(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in images])
+        cosine = F.cosine_similarity(model.encode_image(pil),
+                                     model.encode_text(open_clip.get_tokenizer("raphael-test-clip")(prompts)))
+    scores = scorer(images.float() / 255, prompts)
+    torch.testing.assert_close(scores, 100 * cosine.clamp_min(0), atol=1e-3, rtol=1e-4)
+    assert scorer(images[:0].float(), []).shape == (0,)
+    with pytest.raises(ValueError, match="N prompts"):
+        scorer(images.float() / 255, prompts[:2])
+
+
+def test_clip_score_loads_only_safetensors_of_that_model(tiny_clip, tmp_path):
+    _, _, checkpoint = tiny_clip
+    with pytest.raises(ValueError, match="not a .safetensors"):
+        OpenCLIPScore("raphael-test-clip", tmp_path / "clip.bin")
+    save_file({"visual.proj": torch.zeros(64, 32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="does not hold"):
+        OpenCLIPScore("raphael-test-clip", tmp_path / "other.safetensors")
+
+
+def test_guidance_sweep_on_prompts_of_your_own(pipe, feature_net, tiny_clip, tmp_path):
+    """A user's captions: CLIP score instead of the judge, FID against the given images, no floor."""
+    scorer = OpenCLIPScore("raphael-test-clip", tiny_clip[2])
+    real = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    prompts = ["a red circle", "two blue squares", "a cat", "never used: count is 3"]
+    with pytest.raises(ValueError, match="clip_score"):
+        guidance_sweep(pipe, tmp_path, guidances=(1.5,), count=3, steps=2, feature=feature_net, prompts=prompts)
+    report = guidance_sweep(pipe, tmp_path, guidances=(1.5, 4.5), count=3, steps=2, feature=feature_net,
+                            prompts=prompts, clip_score=scorer, real_images=real)
+    assert all(set(p) == {"guidance", "clip_score", "clip_score_stderr", "fid"} for p in report["points"])
+    assert report["prompts"] == 3 and report["fid_floor"] is None
+    assert report["clip_score_model"] == "CLIP score (raphael-test-clip)"
+    assert all(0 <= p["clip_score"] <= 100 for p in report["points"])
+    assert (tmp_path / "guidance_sweep.png").stat().st_size > 0
+
+
+def test_cli_guidance_sweep_on_a_caption_folder(pipe, feature_net, tiny_clip, tmp_path, monkeypatch):
+    """evaluate --data FOLDER --clip-model --clip-checkpoint --inception-weights (Inception stood in for by the small
+    feature net): the folder's captions are the prompts, its images the FID reference."""
+    import raphael_ext.evaluation.quality as quality
+    from PIL import Image
+    from raphael_ext.__main__ import main
+
+    pipe.save_pretrained(tmp_path / "pipe")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, caption in enumerate(["a red circle", "a blue square", "a green star"]):
+        Image.new("RGB", (160, 160), (40 * i, 80, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    monkeypatch.setattr(quality, "InceptionFeatures", lambda path: feature_net)
+    common = ["evaluate", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "sweep"), "--guidance", "1,4",
+              "--count", "2", "--steps", "2", "--data", str(data)]
+    with pytest.raises(SystemExit, match="inception"):
+        main(common)
+    main(common + ["--clip-model", "raphael-test-clip", "--clip-checkpoint", str(tiny_clip[2]),
+                   "--inception-weights", "inception.safetensors"])
+    sweep = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())
+    assert sweep["prompts"] == 2 and sweep["reference"] == "real_images (2)"
+    assert all("clip_score" in point and "alignment" not in point for point in sweep["points"])

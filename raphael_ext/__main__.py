@@ -81,13 +81,25 @@ def _evaluate(args) -> None:
         metrics = evaluate(_pipeline(args), Path(args.out), count=args.count, steps=args.steps,
                            guidance_scale=guidances[0])
     else:
-        from .evaluation.quality import InceptionFeatures, guidance_sweep, load_images
+        from .evaluation.quality import InceptionFeatures, OpenCLIPScore, guidance_sweep, load_images
 
+        if bool(args.clip_model) != bool(args.clip_checkpoint):
+            raise SystemExit("evaluate: --clip-model and --clip-checkpoint go together")
+        if args.data and not args.inception_weights:  # the shapes-CNN's features mean nothing on other images
+            raise SystemExit("evaluate --data: FID on real images needs --inception-weights (local .safetensors)")
+        clip_score = OpenCLIPScore(args.clip_model, args.clip_checkpoint) if args.clip_model else None
         feature = InceptionFeatures(args.inception_weights) if args.inception_weights else None
-        real = load_images(args.real_images) if args.real_images else None
+        prompts, real = None, load_images(args.real_images) if args.real_images else None
+        if args.data:  # the first --count captions are the prompts, their images the FID reference (as on shapes)
+            from .training.data import FolderDataset
+
+            data = FolderDataset(args.data, size=299)
+            prompts = data.captions[: args.count]
+            real = real if real is not None else load_images(args.data, files=data.files[: args.count])
         metrics = guidance_sweep(_pipeline(args), Path(args.out), guidances=guidances, count=args.count,
                                  steps=args.steps, real_images=real, feature=feature,
-                                 feature_cache=Path(args.out) / "fid_features")
+                                 feature_cache=Path(args.out) / "fid_features", prompts=prompts,
+                                 clip_score=clip_score)
     print(json.dumps(metrics, indent=1))
 
 
@@ -207,6 +219,12 @@ def main(argv=None) -> None:
             p.add_argument("--count", type=int, default=64, help="held-out prompts to score")
             p.add_argument("--real-images", default=None,
                            help="sweep on real data: a folder of images to compute FID against (default: renders)")
+            p.add_argument("--data", default=None,
+                           help="sweep on your data: a folder of images with .txt captions (as train --data); the "
+                                "captions are the prompts (scored by CLIP score), the images the FID reference")
+            p.add_argument("--clip-model", default=None, help="CLIP score: an open_clip model name, e.g. ViT-B-32")
+            p.add_argument("--clip-checkpoint", default=None,
+                           help="CLIP score: that model's local weights (.safetensors, the whole open_clip state dict)")
             p.add_argument("--inception-weights", default=None,
                            help="sweep on real data: local Inception-v3 weights (.safetensors) for the standard FID "
                                 "(default: the shapes-CNN features)")

@@ -7,6 +7,9 @@ FID is torchmetrics' FrechetInceptionDistance over the features of a network tha
   colours, shapes and object count (as MNIST papers compute FID with a LeNet); its penultimate layer gives 32-d
   features. Its figures are "FID (shapes-CNN features)": comparable with each other, not with published FIDs.
 - `InceptionFeatures`: the standard FID network (Inception-v3 pool3, 2048-d) from a local weights file, for real data.
+
+Alignment is the shapes judge on the shapes task; on a user's own captions (which the judge cannot read) it is the CLIP
+score of `OpenCLIPScore`, an open_clip model from a local .safetensors checkpoint.
 """
 
 import json
@@ -168,6 +171,52 @@ class InceptionFeatures(nn.Module):
         return self.inception((images.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
+class OpenCLIPScore(nn.Module):
+    """CLIP score as torchmetrics defines it (100 * max(cos(image, text), 0), Hessel et al. 2021), computed with the
+    open_clip model `name` (e.g. "ViT-B-32") and its whole state dict from a local .safetensors file (open_clip's
+    checkpoints are pickles: convert one once with safetensors.torch.save_file(torch.load(path, weights_only=True),
+    ...); nothing is downloaded). forward: float images [N, 3, H, W] in [0, 1] and N prompts -> [N] scores."""
+
+    def __init__(self, name: str, checkpoint: Union[str, Path], batch: int = 32):
+        super().__init__()
+        from ..models.text_encoder import _open_clip
+
+        path = Path(checkpoint)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"OpenCLIPScore: {path} is not a .safetensors file; pickled checkpoints are not loaded")
+        open_clip = _open_clip()
+        self.model = open_clip.create_model(name, pretrained=None)
+        incompatible = self.model.load_state_dict(load_file(str(path)), strict=False)
+        if incompatible.missing_keys or incompatible.unexpected_keys:
+            raise ValueError(f"OpenCLIPScore: {path} does not hold open_clip model {name} (missing "
+                             f"{incompatible.missing_keys[:3]}, unexpected {incompatible.unexpected_keys[:3]})")
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        preprocess = open_clip.get_model_preprocess_cfg(self.model)
+        size = preprocess["size"]
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
+        self.batch = batch
+        self.label = f"CLIP score ({name})"
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3 or len(images) != len(prompts):
+            raise ValueError(f"OpenCLIPScore: expected images [N, 3, H, W] and N prompts, got {tuple(images.shape)} "
+                             f"and {len(prompts)} prompts")
+        scores = []
+        for start in range(0, len(images), self.batch):
+            # open_clip resizes the short side and centre-crops: on square images that is this resize
+            x = F.interpolate(images[start : start + self.batch].float(), size=self.image_size, mode="bicubic",
+                              align_corners=False, antialias=True).clamp(0, 1)
+            image = F.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
+            tokens = self.tokenizer(list(prompts[start : start + self.batch]))
+            text = F.normalize(self.model.encode_text(tokens), dim=-1)
+            scores.append(100 * (image * text).sum(-1).clamp_min(0))
+        return torch.cat(scores) if scores else images.new_zeros(0)
+
+
 def frechet_distance(real: Tensor, fake: Tensor, feature: nn.Module, batch: int = 256) -> float:
     """FID between two sets: torchmetrics' FrechetInceptionDistance with `feature` as its network (real and fake are
     what it takes: float images [N, 3, H, W] in [0, 1] for the feature nets here). Each set needs 2 or more items;
@@ -196,14 +245,15 @@ def _as_float(images: np.ndarray) -> Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
-def load_images(folder: Union[str, Path], size: int = 299) -> Tensor:
-    """The images of a folder (png, jpg, jpeg, webp) as float [N, 3, size, size] in [0, 1], each resized to cover
-    the square and centre-cropped: real images to compute FID against."""
+def load_images(folder: Union[str, Path], size: int = 299, files: Optional[Sequence[Path]] = None) -> Tensor:
+    """The images of a folder (png, jpg, jpeg, webp; or those `files`) as float [N, 3, size, size] in [0, 1], each
+    resized to cover the square and centre-cropped: real images to compute FID against."""
     from PIL import Image
 
     from ..training.data import FolderDataset, fit_image
 
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FolderDataset.EXTENSIONS)
+    if files is None:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in FolderDataset.EXTENSIONS)
     if len(files) < 2:
         raise ValueError(f"load_images: FID needs at least 2 images, found {len(files)} in {folder}")
     images = []
@@ -216,7 +266,8 @@ def load_images(folder: Union[str, Path], size: int = 299) -> Tensor:
 def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: Sequence[float] = GUIDANCES,
                    count: int = 64, steps: int = 25, real_images: Optional[Tensor] = None,
                    feature: Optional[nn.Module] = None, feature_cache: Optional[Union[str, Path]] = None,
-                   batch: int = 16) -> Dict[str, object]:
+                   batch: int = 16, prompts: Optional[Sequence[str]] = None,
+                   clip_score: Optional[OpenCLIPScore] = None) -> Dict[str, object]:
     """Paper Fig. 6b in miniature: for each guidance weight, the `count` held-out shapes prompts are sampled once and
     scored twice: alignment (the judge; the same figure as evaluate() gives at that count, steps and guidance) and FID
     against real_images (float [N, 3, H, W] in [0, 1]; default: the held-out renders of the same prompts).
@@ -224,17 +275,29 @@ def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: 
     feature: the FID network (e.g. InceptionFeatures(path)); default the shapes feature net (shapes_feature_net,
     cached in feature_cache when given). fid_floor is the FID between the held-out renders and `count` other renders:
     what a perfect generator scores at this count (FID is biased upward at small counts); null with real_images.
-    Writes out_dir/guidance_sweep.json ({"points": [{guidance, alignment, alignment_stderr, fid}], ...}) and
-    out_dir/guidance_sweep.png (alignment against FID, each point labelled with its guidance)."""
+    On a user's data, `prompts` (e.g. its captions; the first `count`) replace the shapes prompts, the judge gives way
+    to `clip_score` (required then) and real_images (the data's images) to compute FID against are required too.
+    clip_score with the shapes prompts adds a CLIP score beside the judge's alignment.
+
+    Writes out_dir/guidance_sweep.json ({"points": [{guidance, alignment, alignment_stderr, clip_score,
+    clip_score_stderr, fid}], ...}; alignment only for shapes prompts, clip_score only with clip_score) and
+    out_dir/guidance_sweep.png (alignment, or CLIP score without it, against FID, each point labelled)."""
+    if prompts is not None and (clip_score is None or real_images is None):
+        raise ValueError("guidance_sweep: prompts of your own need clip_score (the judge reads only shapes prompts) "
+                         "and real_images to compute FID against")
+    count = count if prompts is None else min(count, len(prompts))
     if count < 2:
         raise ValueError(f"guidance_sweep: count must be >= 2 (FID and a standard error need two), got {count}")
-    size = pipe.unet.config.sample_size * pipe.vae_stride
-    held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
-    items = [held_out[i] for i in range(count)]
-    captions, scenes = [item["caption"] for item in items], [item["objects"] for item in items]
-    renders = torch.stack([(item["image"] + 1) / 2 for item in items])
+    floor, scenes = None, None
+    if prompts is None:
+        size = pipe.unet.config.sample_size * pipe.vae_stride
+        held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
+        items = [held_out[i] for i in range(count)]
+        captions, scenes = [item["caption"] for item in items], [item["objects"] for item in items]
+        renders = torch.stack([(item["image"] + 1) / 2 for item in items])
+    else:
+        captions = list(prompts[:count])
     feature = shapes_feature_net(feature_cache) if feature is None else feature
-    floor = None
     if real_images is None:
         others = ShapesDataset(count, size, seed=HELD_OUT_SEED + 1)
         floor = frechet_distance(renders, torch.stack([(others[i]["image"] + 1) / 2 for i in range(count)]), feature)
@@ -243,12 +306,18 @@ def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: 
     points = []
     for guidance in tqdm(guidances, desc="guidance sweep", unit="weight"):
         images = _generate(pipe, captions, steps, guidance, batch)
-        scores = [judge_image(image, scene)["score"] for image, scene in zip(images, scenes)]
-        points.append({"guidance": float(guidance), "alignment": float(np.mean(scores)),
-                       "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(count)),
-                       "fid": frechet_distance(reference, _as_float(images), feature)})
+        point = {"guidance": float(guidance)}
+        if scenes is not None:
+            judged = [judge_image(image, scene)["score"] for image, scene in zip(images, scenes)]
+            point.update(_mean_and_stderr("alignment", judged))
+        if clip_score is not None:
+            point.update(_mean_and_stderr("clip_score", clip_score(_as_float(images), captions).tolist()))
+        point["fid"] = frechet_distance(reference, _as_float(images), feature)
+        points.append(point)
     report = {"points": points, "fid_features": feature.description, "fid_floor": floor,
               "feature_net_scene_accuracy": getattr(feature, "scene_accuracy", None),
+              "clip_score_model": None if clip_score is None else clip_score.label,
+              "prompt_source": "held-out shapes prompts" if prompts is None else "prompts given",
               "reference": "held-out renders of the prompts" if real_images is None
               else f"real_images ({len(real_images)})", "prompts": count, "sampling_steps": steps}
     out_dir = Path(out_dir)
@@ -256,6 +325,10 @@ def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: 
     (out_dir / "guidance_sweep.json").write_text(json.dumps(report, indent=1))
     plot_tradeoff(report, out_dir / "guidance_sweep.png", getattr(feature, "label", type(feature).__name__))
     return report
+
+
+def _mean_and_stderr(name: str, scores: Sequence[float]) -> Dict[str, float]:
+    return {name: float(np.mean(scores)), f"{name}_stderr": float(np.std(scores, ddof=1) / np.sqrt(len(scores)))}
 
 
 def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_label: str) -> Path:
@@ -267,16 +340,16 @@ def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_labe
     import matplotlib.pyplot as plt
 
     points = report["points"]
+    x = "alignment" if "alignment" in points[0] else "clip_score"
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    ax.errorbar([p["alignment"] for p in points], [p["fid"] for p in points],
-                xerr=[p["alignment_stderr"] for p in points], marker="o", capsize=2)
+    ax.errorbar([p[x] for p in points], [p["fid"] for p in points], xerr=[p[f"{x}_stderr"] for p in points],
+                marker="o", capsize=2)
     for p in points:
-        ax.annotate(f"{p['guidance']:g}", (p["alignment"], p["fid"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+        ax.annotate(f"{p['guidance']:g}", (p[x], p["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if report["fid_floor"] is not None:
         ax.axhline(report["fid_floor"], color="gray", linestyle="--", lw=1, label="real vs real renders")
         ax.legend(fontsize=8)
-    ax.set_xlabel("alignment (shapes judge)")
+    ax.set_xlabel("alignment (shapes judge)" if x == "alignment" else report["clip_score_model"])
     ax.set_ylabel(f"FID ({feature_label} features)")
     ax.set_title(f"guidance trade-off ({report['prompts']} prompts, {report['sampling_steps']} steps)", fontsize=9)
     out = Path(out)
@@ -287,6 +360,6 @@ def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_labe
     return out
 
 
-__all__ = ["FEATURE_NET_SEED", "FEATURE_NET_STEPS", "GUIDANCES", "InceptionFeatures", "ShapesFeatureNet",
-           "frechet_distance", "guidance_sweep", "plot_tradeoff", "scene_accuracy", "scene_attributes",
-           "shapes_feature_net", "train_shapes_feature_net"]
+__all__ = ["FEATURE_NET_SEED", "FEATURE_NET_STEPS", "GUIDANCES", "InceptionFeatures", "OpenCLIPScore",
+           "ShapesFeatureNet", "frechet_distance", "guidance_sweep", "plot_tradeoff", "scene_accuracy",
+           "scene_attributes", "shapes_feature_net", "train_shapes_feature_net"]
