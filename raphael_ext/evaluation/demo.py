@@ -134,7 +134,7 @@ def _plot_modules(report, path: Path) -> None:
         for p in points:
             ax.annotate(f"{p['guidance']:g}", (p["fid"], p["alignment"]), fontsize=6, xytext=(2, 2),
                         textcoords="offset points")
-    ax.set_xlabel(f"FID ({report['fid_features']}; lower is better)")
+    ax.set_xlabel(f"FID ({report['fid_features'].split(':')[0]} features; lower is better)")
     ax.set_ylabel("alignment (judge; higher is better)")
     ax.set_title(f"module ablation, {report['steps']} steps, {len(report['seeds'])} seeds (labels: guidance)",
                  fontsize=9)
