@@ -23,6 +23,7 @@ DEVICE_IMAGE_PACKAGES=(
   torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.5.2 huggingface_hub==1.33.0 safetensors==0.8.0
   pillow tqdm regex timm matplotlib filelock requests pybind11 ninja setuptools wheel pyyaml
   transformers==5.17.0 peft accelerate
+  scipy scikit-learn torchmetrics  # the analyses' (evaluation/analysis.py, quality.py); the image's versions unread
   pytest pytest-benchmark pytest-timeout hypothesis
 )
 DEVICE_ARCH=9.0a
