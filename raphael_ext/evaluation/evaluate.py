@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,11 @@ from ..pipelines.grid import image_grid
 from ..pipelines.pipeline_raphael import RaphaelPipeline
 from ..training.data import HELD_OUT_SEED, ShapesDataset
 from .judge import judge_accuracy, judge_image
+
+
+def mean_and_stderr(name: str, scores: Sequence[float]) -> Dict[str, float]:
+    """{name: mean, name_stderr: standard error of the mean} of per-prompt scores (two or more)."""
+    return {name: float(np.mean(scores)), f"{name}_stderr": float(np.std(scores, ddof=1) / np.sqrt(len(scores)))}
 
 
 def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50, guidance_scale: float = 4.5,
@@ -33,8 +38,7 @@ def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50,
     # Chance level: exact renders of the wrong prompt (the next one) pass some checks, as clean shapes that ignore
     # the prompt would; a model aligns with the text only as far as it scores above this.
     mismatched = [judge_image(items[(i + 1) % count]["image"], scenes[i])["score"] for i in range(count)]
-    metrics = {"alignment": float(np.mean(scores)),
-               "alignment_stderr": float(np.std(scores, ddof=1) / np.sqrt(count)),
+    metrics = {**mean_and_stderr("alignment", scores),
                "chance_alignment": float(np.mean(mismatched)),
                "judge_accuracy_on_renders": judge_accuracy(held_out, count), "prompts": count,
                "sampling_steps": steps, "guidance_scale": guidance_scale}
@@ -44,4 +48,4 @@ def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50,
     return metrics
 
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "mean_and_stderr"]

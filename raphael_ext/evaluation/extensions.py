@@ -1,6 +1,6 @@
-"""The paper's extensions (§7.8) shown on a CPU with the demo's pipeline: a LoRA that teaches the model a colour word it
-has never seen, and a canny ControlNet that puts the shapes where the edges of a control image are. Each trains from a
-pipeline folder (e.g. runs/demo/pipeline) through the trainer, then measures what changed and draws it:
+"""The paper's extensions (§7.8) shown on a CPU with the demo's pipeline: a LoRA that teaches the model a colour word
+it has never seen, and a canny ControlNet that puts the shapes where the edges of a control image are. Each trains
+from a pipeline folder (e.g. runs/demo/pipeline) through the trainer, then measures what changed and draws it:
 
     python -m raphael_ext demo-lora --pipeline runs/demo/pipeline --out runs/lora_demo
     python -m raphael_ext demo-controlnet --pipeline runs/demo/pipeline --out runs/controlnet_demo
@@ -9,7 +9,7 @@ pipeline folder (e.g. runs/demo/pipeline) through the trainer, then measures wha
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from ..pipelines.grid import image_grid
 from ..pipelines.pipeline_raphael import RaphaelPipeline
 from ..training.data import BACKGROUND, HELD_OUT_SEED, ShapesDataset, render
 from ..training.trainer import TrainConfig, Trainer
+from .evaluate import mean_and_stderr
 from .judge import find_object, judge_image
 
 
@@ -41,9 +42,8 @@ def _sample(pipe: RaphaelPipeline, captions: List[str], steps: int, guidance: fl
 
 
 def _score(images, items) -> Dict[str, float]:
-    scores = [judge_image(image, item["objects"])["score"] for image, item in zip(images, items)]
-    stderr = float(np.std(scores, ddof=1) / np.sqrt(len(scores)))
-    return {"alignment": float(np.mean(scores)), "alignment_stderr": stderr}
+    return mean_and_stderr("alignment", [judge_image(image, item["objects"])["score"]
+                                         for image, item in zip(images, items)])
 
 
 def lora_demonstration(pipeline: Path, out: Path, color: str = "orange", steps: int = 300, rank: int = 8,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..atomic_io import atomic_save_safetensors
 from ..pipelines.pipeline_raphael import RaphaelPipeline
 from ..training.data import COLORS, HELD_OUT_SEED, SHAPES, ShapeSpec, ShapesDataset
+from .evaluate import mean_and_stderr
 from .judge import judge_image
 
 FEATURE_NET_SEED = 20_011  # ShapesDataset seed of the feature net's training renders (not training's, not held-out)
@@ -306,13 +307,14 @@ def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: 
     points = []
     for guidance in tqdm(guidances, desc="guidance sweep", unit="weight"):
         images = _generate(pipe, captions, steps, guidance, batch)
+        fake = _as_float(images)
         point = {"guidance": float(guidance)}
         if scenes is not None:
             judged = [judge_image(image, scene)["score"] for image, scene in zip(images, scenes)]
-            point.update(_mean_and_stderr("alignment", judged))
+            point.update(mean_and_stderr("alignment", judged))
         if clip_score is not None:
-            point.update(_mean_and_stderr("clip_score", clip_score(_as_float(images), captions).tolist()))
-        point["fid"] = frechet_distance(reference, _as_float(images), feature)
+            point.update(mean_and_stderr("clip_score", clip_score(fake, captions).tolist()))
+        point["fid"] = frechet_distance(reference, fake, feature)
         points.append(point)
     report = {"points": points, "fid_features": feature.description, "fid_floor": floor,
               "feature_net_scene_accuracy": getattr(feature, "scene_accuracy", None),
@@ -325,10 +327,6 @@ def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: 
     (out_dir / "guidance_sweep.json").write_text(json.dumps(report, indent=1))
     plot_tradeoff(report, out_dir / "guidance_sweep.png", getattr(feature, "label", type(feature).__name__))
     return report
-
-
-def _mean_and_stderr(name: str, scores: Sequence[float]) -> Dict[str, float]:
-    return {name: float(np.mean(scores)), f"{name}_stderr": float(np.std(scores, ddof=1) / np.sqrt(len(scores)))}
 
 
 def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_label: str) -> Path:

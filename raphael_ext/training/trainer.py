@@ -203,7 +203,7 @@ class Trainer:
             tokenizer = openclip_tokenizer(text_encoder.context_length)
             vae = self._load_vae(unet)
         if unet.config.latent and vae is None:
-            raise ValueError(f"Trainer: this U-Net diffuses in a VAE's latent space; pass vae=<a local diffusers "
+            raise ValueError("Trainer: this U-Net diffuses in a VAE's latent space; pass vae=<a local diffusers "
                              "AutoencoderKL folder> (--vae), e.g. Stable Diffusion's vae/ folder")
         if vae is not None and vae.config.latent_channels != unet.config.in_channels:
             raise ValueError(f"Trainer: the VAE has {vae.config.latent_channels} latent channels, the U-Net takes "
