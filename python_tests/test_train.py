@@ -2,6 +2,7 @@
 resume, checkpoint safety, DDP and FSDP, CLI."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -447,3 +448,49 @@ def test_low_res_steps_start_at_half_size(tmp_path):
     assert sizes == [(8, 8), (8, 8), (16, 16), (16, 16)]
     assert [trainer.batch(s)["captions"] for s in range(4)] == [plain.batch(s)["captions"] for s in range(4)]
     assert trainer.train_step(0)["loss"] > 0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero(tmp_path, schedule):
+    """lr_schedule: a linear warm-up, then constant (the paper's) or a cosine or linear decay that reaches 0 at the
+    end of the run (diffusers.optimization's schedules); a resumed run continues the same schedule."""
+    trainer = Trainer(config(tmp_path, steps=6, warmup_steps=2, lr_schedule=schedule, checkpoint_every=3,
+                             keep_last=5), device="cpu")
+    lrs = []
+    for step in range(6):
+        lrs.append(trainer.lr_schedule.get_last_lr()[0])
+        trainer.train_step(step)
+        trainer.step = step + 1
+        if trainer.step == 3:
+            trainer.save_checkpoint()
+    progress = [0, 0.25, 0.5, 0.75]  # of the steps after the warm-up, at steps 2..5 (0 would come at step 6)
+    decay = {"constant": [1.0] * 4, "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in progress],
+             "linear": [1 - p for p in progress]}[schedule]
+    expected = [0.0, 0.5e-3] + [1e-3 * d for d in decay]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    resumed = Trainer.resume(str(tmp_path / "run"), device="cpu")
+    assert resumed.step == 3 and resumed.lr_schedule.get_last_lr()[0] == pytest.approx(lrs[3], abs=1e-12)
+
+
+def test_unknown_lr_schedule_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        Trainer(config(tmp_path, lr_schedule="exponential"), device="cpu")
+
+
+def test_logit_normal_timesteps_train_the_middle_of_the_noise_range(tmp_path):
+    """timestep_sampling="logit_normal" (SD3's): about twice as many timesteps in the middle of the range as uniform
+    draws, few at either end, all valid; drawn from the step's generator, so a resumed run draws the same."""
+    uniform = Trainer(config(tmp_path), device="cpu")
+    logit_normal = Trainer(config(tmp_path, timestep_sampling="logit_normal"), device="cpu")
+    draws = {name: torch.cat([trainer.sample_timesteps(torch.Generator().manual_seed(i)) for i in range(500)])
+             for name, trainer in (("uniform", uniform), ("logit_normal", logit_normal))}
+    for t in draws.values():
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    middle = {name: ((t >= 300) & (t < 700)).float().mean().item() for name, t in draws.items()}
+    assert middle["uniform"] == pytest.approx(0.4, abs=0.03) and middle["logit_normal"] == pytest.approx(0.6, abs=0.03)
+    assert (draws["logit_normal"] >= 900).float().mean() < 0.05
+    same = logit_normal.sample_timesteps(torch.Generator().manual_seed(7))
+    assert torch.equal(same, logit_normal.sample_timesteps(torch.Generator().manual_seed(7)))
+    assert logit_normal.train_step(0)["loss"] > 0
+    with pytest.raises(ValueError, match="timestep_sampling must be"):
+        Trainer(config(tmp_path, timestep_sampling="cosine"), device="cpu")

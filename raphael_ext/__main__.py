@@ -33,7 +33,8 @@ def _train(args) -> None:
     else:
         config = TrainConfig(preset=args.preset, data=args.data, data_workers=args.data_workers, out=args.out,
                              steps=args.steps or 1000,
-                             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
+                             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                             lr_schedule=args.lr_schedule, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
                              text_checkpoint=args.text_checkpoint, vae=args.vae, fsdp=args.fsdp,
                              model=json.loads(args.model), init_from=args.init_from,
@@ -169,6 +170,8 @@ def main(argv=None) -> None:
     train.add_argument("--batch-size", type=int, default=16, help="global batch, split over the ranks")
     train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper's 1e-4)")
     train.add_argument("--warmup-steps", type=int, default=20000, help="linear learning-rate warm-up (the paper's)")
+    train.add_argument("--lr-schedule", default="constant",
+                       help="after the warm-up: constant (the paper's) or a cosine or linear decay to 0 at --steps")
     train.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     train.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0: never)")
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw (weights, data, noise)")

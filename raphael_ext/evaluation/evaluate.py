@@ -20,12 +20,14 @@ def mean_and_stderr(name: str, scores: Sequence[float]) -> Dict[str, float]:
 
 
 def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50, guidance_scale: float = 4.5,
-             batch: int = 16) -> Dict[str, float]:
-    """Generates `count` held-out prompts, scores them with the judge, writes samples.png and eval.json."""
+             batch: int = 16, prompt_seed: int = HELD_OUT_SEED) -> Dict[str, float]:
+    """Generates `count` held-out prompts, scores them with the judge, writes samples.png and eval.json. prompt_seed:
+    the ShapesDataset seed of the prompts (another seed than HELD_OUT_SEED gives a tuning set for recipe searches,
+    so the demo's test prompts are not the ones a recipe is picked on)."""
     if count < 2:
         raise ValueError(f"evaluate: count must be >= 2 (a chance level and a standard error need two), got {count}")
     size = pipe.unet.config.sample_size * pipe.vae_stride
-    held_out = ShapesDataset(count, size, seed=HELD_OUT_SEED)
+    held_out = ShapesDataset(count, size, seed=prompt_seed)
     items = [held_out[i] for i in range(count)]  # rendered once: captions, scenes and the chance level's images
     scenes = [item["objects"] for item in items]
     captions = [item["caption"] for item in items]

@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -48,6 +50,7 @@ PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (64
 LORA_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_EXPERTS = ["experts.w1", "experts.w2"]
 LORA_TEXT_TOWER = ["c_fc", "c_proj"]  # the MLP of each residual block of open_clip's text transformer
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up (diffusers.optimization's schedules)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -88,11 +91,15 @@ class TrainConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 20000
+    lr_schedule: str = "constant"  # after the warm-up: "constant" (the paper's), or "cosine"/"linear" decay to 0
     grad_clip: float = 1.0
     precision: str = "auto"  # "auto": bf16 autocast on GPUs, float32 on CPUs; "bf16": autocast everywhere; "fp32"
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     edge_weight: float = 1.0
+    # Training timesteps: "uniform" (the paper's, DDPM's) or "logit_normal" (SD3's: sigmoid of N(0, 1), which trains
+    # the middle of the noise range, where a sample's layout and shapes are decided, about twice as often)
+    timestep_sampling: str = "uniform"
     balance_weight: float = 0.01
     multiscale: bool = True
     low_res_steps: int = 0  # the first N steps at half the training resolution (a fast start; the demo's recipe)
@@ -156,8 +163,9 @@ class Trainer:
             groups.append({"params": [p for p in self.trained["text_encoder"].parameters() if p.requires_grad],
                            "lr": config.text_lr or config.lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        warmup = max(1, config.warmup_steps)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+        self.lr_schedule = get_scheduler(name, self.optimizer, num_warmup_steps=max(1, config.warmup_steps),
+                                         num_training_steps=config.steps)
         self.checkpoints = Checkpoints(Path(config.out) / "checkpoints", self.trained, self.ema, self.optimizer,
                                        self.lr_schedule, self.sharded, config.keep_last)
         self.edge_loss = EdgeFocalLoss(t_cutoff=self.unet.config.t_cutoff)
@@ -183,6 +191,11 @@ class Trainer:
         if config.mode != "full" and config.init_from is None:
             raise ValueError(f"Trainer: {config.mode} training adapts a trained pipeline; pass init_from=<pipeline "
                              "folder> (--init-from)")
+        if config.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Trainer: lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
+        if config.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError("Trainer: timestep_sampling must be 'uniform' or 'logit_normal', got "
+                             f"{config.timestep_sampling!r}")
         if config.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"Trainer: precision must be 'auto', 'bf16' or 'fp32', got {config.precision!r}")
         if config.controlnet and config.train_text_encoder:
@@ -358,7 +371,7 @@ class Trainer:
         g = torch.Generator().manual_seed(_seed(self.config.seed, step, 1))
         share = slice(self.rank, None, self.world)
         x0 = self.encode_images(batch["images"].to(self.device), g)
-        t = torch.randint(0, self.unet.config.num_train_timesteps, (self.config.batch_size,), generator=g)
+        t = self.sample_timesteps(g)
         noise = torch.randn((self.config.batch_size, *x0.shape[1:]), generator=g)
         t, noise = t[share].to(self.device), noise[share].to(self.device)
         torch.manual_seed(_seed(self.config.seed, step, 1000 + self.rank))  # gate noise and dropout of this step
@@ -388,6 +401,15 @@ class Trainer:
         if batch["failures"]:
             record["data_failures"] = batch["failures"]  # items skipped on this rank
         return record
+
+    def sample_timesteps(self, generator: torch.Generator) -> torch.Tensor:
+        """The global batch's training timesteps (TrainConfig.timestep_sampling)."""
+        steps, batch = self.unet.config.num_train_timesteps, self.config.batch_size
+        if self.config.timestep_sampling == "uniform":
+            return torch.randint(0, steps, (batch,), generator=generator)
+        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0,
+                                                  generator=generator)
+        return (u * steps).long().clamp(max=steps - 1)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
