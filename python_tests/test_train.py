@@ -453,7 +453,7 @@ def test_low_res_steps_start_at_half_size(tmp_path):
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero(tmp_path, schedule):
     """lr_schedule: a linear warm-up, then constant (the paper's) or a cosine or linear decay that reaches 0 at the
-    end of the run (diffusers.optimization's schedules); a resumed run continues the same schedule."""
+    end of the run; a resumed run continues the same schedule."""
     trainer = Trainer(config(tmp_path, steps=6, warmup_steps=2, lr_schedule=schedule, checkpoint_every=3,
                              keep_last=5), device="cpu")
     lrs = []
@@ -466,7 +466,7 @@ def test_lr_schedules_warm_up_then_hold_or_decay_to_zero(tmp_path, schedule):
     progress = [0, 0.25, 0.5, 0.75]  # of the steps after the warm-up, at steps 2..5 (0 would come at step 6)
     decay = {"constant": [1.0] * 4, "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in progress],
              "linear": [1 - p for p in progress]}[schedule]
-    expected = [0.0, 0.5e-3] + [1e-3 * d for d in decay]
+    expected = [0.5e-3, 1e-3] + [1e-3 * d for d in decay]
     assert lrs == pytest.approx(expected, abs=1e-9)
     resumed = Trainer.resume(str(tmp_path / "run"), device="cpu")
     assert resumed.step == 3 and resumed.lr_schedule.get_last_lr()[0] == pytest.approx(lrs[3], abs=1e-12)

@@ -16,6 +16,7 @@ writing `out/pipeline/` (EMA weights; a from_pretrained folder), plus `out/lora/
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -25,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -50,7 +50,7 @@ PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (64
 LORA_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_EXPERTS = ["experts.w1", "experts.w2"]
 LORA_TEXT_TOWER = ["c_fc", "c_proj"]  # the MLP of each residual block of open_clip's text transformer
-LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up (diffusers.optimization's schedules)
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -163,9 +163,7 @@ class Trainer:
             groups.append({"params": [p for p in self.trained["text_encoder"].parameters() if p.requires_grad],
                            "lr": config.text_lr or config.lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        name = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
-        self.lr_schedule = get_scheduler(name, self.optimizer, num_warmup_steps=max(1, config.warmup_steps),
-                                         num_training_steps=config.steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.checkpoints = Checkpoints(Path(config.out) / "checkpoints", self.trained, self.ema, self.optimizer,
                                        self.lr_schedule, self.sharded, config.keep_last)
         self.edge_loss = EdgeFocalLoss(t_cutoff=self.unet.config.t_cutoff)
@@ -401,6 +399,15 @@ class Trainer:
         if batch["failures"]:
             record["data_failures"] = batch["failures"]  # items skipped on this rank
         return record
+
+    def _lr_factor(self, step: int) -> float:
+        """A linear warm-up (the first step at 1/warmup_steps of the lr), then constant or a cosine or linear decay
+        that reaches 0 at config.steps."""
+        warmup, steps = max(1, self.config.warmup_steps), self.config.steps
+        if step < warmup or self.config.lr_schedule == "constant":
+            return min(1.0, (step + 1) / warmup)
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if self.config.lr_schedule == "cosine" else 1 - progress
 
     def sample_timesteps(self, generator: torch.Generator) -> torch.Tensor:
         """The global batch's training timesteps (TrainConfig.timestep_sampling)."""
