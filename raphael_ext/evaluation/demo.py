@@ -15,7 +15,7 @@ from ..training.data import HELD_OUT_SEED, ShapesDataset
 from ..training.trainer import TrainConfig, Trainer
 from .evaluate import evaluate
 
-DEMO_STEPS = 1000  # 520 s of training and 30 s of evaluation on the 2-core VM (2026-11-29), inside the 10 minutes
+DEMO_STEPS = 1000  # 442 to 512 s of training, 465 to 543 s in all on the 2-core VM (2026-11-29): inside 10 minutes
 # Classifier-free guidance of the demo's samples and score: the weight that aligned best on the tuning prompts in
 # every run of the recipe search (scripts/demo_recipes.py); stronger guidance pushes colours out of the palette.
 DEMO_GUIDANCE = 2.0
