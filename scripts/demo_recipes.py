@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from raphael_ext.evaluation.demo import DEMO_RECIPE, demo_config
+from raphael_ext.evaluation.demo import DEMO_GUIDANCE, DEMO_RECIPE, demo_config
 from raphael_ext.evaluation.evaluate import evaluate
 from raphael_ext.training.trainer import Trainer
 
@@ -47,7 +47,8 @@ def main() -> None:
     parser.add_argument("--prompt-seed", type=int, default=TUNING_SEED,
                         help="ShapesDataset seed of the scored prompts (default: the tuning set)")
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps when scoring")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="guidance scales to score")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[DEMO_GUIDANCE],
+                        help="guidance scales to score (default: the demo's)")
     parser.add_argument("--ema-decays", type=float, nargs="+", default=None,
                         help="EMA decays to score (default: the recipe's ema_decay)")
     parser.add_argument("--recipe", nargs=2, action="append", metavar=("NAME", "JSON"), required=True,

@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -50,8 +50,9 @@ PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (64
 LORA_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_EXPERTS = ["experts.w1", "experts.w2"]
 LORA_TEXT_TOWER = ["c_fc", "c_proj"]  # the MLP of each residual block of open_clip's text transformer
-LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warm-up
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule: after the warm-up
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # TrainConfig.timestep_sampling
 
 
 def buckets(sample_size: int, multiple: int) -> List[Tuple[int, int]]:
@@ -191,8 +192,8 @@ class Trainer:
                              "folder> (--init-from)")
         if config.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Trainer: lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
-        if config.timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError("Trainer: timestep_sampling must be 'uniform' or 'logit_normal', got "
+        if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"Trainer: timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got "
                              f"{config.timestep_sampling!r}")
         if config.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"Trainer: precision must be 'auto', 'bf16' or 'fp32', got {config.precision!r}")
