@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raphael_ext.training.data import COLORS, FolderDataset, ShapesDataset, relation
+from raphael_ext.training.data import COLORS, FolderDataset, ShapeSpec, ShapesDataset, relation
 
 
 def test_items_are_deterministic_and_seed_dependent():
@@ -96,3 +96,19 @@ def test_judge_is_accurate_on_renders_and_rejects_wrong_scenes():
     noise = [judge_image(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1,
                          data[i]["objects"])["score"] for i in range(50)]
     assert np.mean(noise) < 0.1, "uniform noise must not pass as shapes"
+
+
+def test_judge_says_what_each_check_tests():
+    from raphael_ext.evaluation.judge import judge_image
+
+    data = ShapesDataset(60, 32, seed=12)
+    for i in range(60):
+        objects = data[i]["objects"]
+        verdict = judge_image(data[i]["image"], objects)
+        assert verdict["kinds"] == ["color", "shape"] * len(objects) + ["relation"] * (len(objects) >= 2)
+        assert len(verdict["checks"]) == len(verdict["kinds"])
+    single = next(data[i] for i in range(60) if len(data[i]["objects"]) == 1)
+    drawn = single["objects"][0]
+    asked = ShapeSpec(next(s for s in ("circle", "square", "triangle") if s != drawn.shape), drawn.color, drawn.cx,
+                      drawn.cy, drawn.size)
+    assert judge_image(single["image"], [asked])["checks"] == [True, False]  # the colour is there, not the shape

@@ -36,12 +36,19 @@ def evaluate(pipe: RaphaelPipeline, out: Path, count: int = 64, steps: int = 50,
     for start in range(0, count, batch):  # seeded per batch: the same prompts get the same noise at any batch size
         images += pipe(captions[start : start + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=torch.Generator().manual_seed(start)).images
-    scores = [judge_image(image, scene)["score"] for image, scene in zip(images, scenes)]
+    verdicts = [judge_image(image, scene) for image, scene in zip(images, scenes)]
+    scores = [verdict["score"] for verdict in verdicts]
+    passed: Dict[str, List[bool]] = {}
+    for verdict in verdicts:
+        for kind, check in zip(verdict["kinds"], verdict["checks"]):
+            passed.setdefault(kind, []).append(check)
     # Chance level: exact renders of the wrong prompt (the next one) pass some checks, as clean shapes that ignore
     # the prompt would; a model aligns with the text only as far as it scores above this.
     mismatched = [judge_image(items[(i + 1) % count]["image"], scenes[i])["score"] for i in range(count)]
     metrics = {**mean_and_stderr("alignment", scores),
                "chance_alignment": float(np.mean(mismatched)),
+               # where the misses are: the fraction of each kind of check passed (colour present, shape, relation)
+               "checks_passed": {kind: float(np.mean(checks)) for kind, checks in passed.items()},
                "judge_accuracy_on_renders": judge_accuracy(held_out, count), "prompts": count,
                "sampling_steps": steps, "guidance_scale": guidance_scale}
     out.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,13 @@ def judge_image(image, objects: Sequence[ShapeSpec]) -> Dict[str, object]:
     if len(objects) >= 2:
         checks.append(found[0] is not None and found[1] is not None
                       and relation(found[0], found[1]) == relation(objects[0], objects[1]))
-    return {"checks": checks, "score": float(np.mean(checks))}
+    return {"checks": checks, "kinds": check_kinds(objects), "score": float(np.mean(checks))}
+
+
+def check_kinds(objects: Sequence[ShapeSpec]) -> List[str]:
+    """What each of judge_image's checks tests: "color" (the object's colour is present), "shape" (its blob has the
+    right shape) per object, then "relation" (the first two objects' relative position)."""
+    return ["color", "shape"] * len(objects) + (["relation"] if len(objects) >= 2 else [])
 
 
 def judge_accuracy(dataset: ShapesDataset, count: int = 200) -> float:
@@ -103,4 +109,4 @@ def judge_accuracy(dataset: ShapesDataset, count: int = 200) -> float:
     return float(np.mean(checks))
 
 
-__all__ = ["judge_image", "judge_accuracy", "classify_shape", "find_object"]
+__all__ = ["judge_image", "judge_accuracy", "check_kinds", "classify_shape", "find_object"]
