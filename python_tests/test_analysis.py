@@ -238,13 +238,13 @@ def test_guidance_sweep_on_a_tiny_pipeline(pipe, feature_net, tmp_path):
                                                        guidance_scale=4.5)["alignment"]
 
 
-
 def test_evaluate_reports_each_kind_of_check(pipe, tmp_path):
     rates = evaluate(pipe, tmp_path, count=8, steps=2)["checks_passed"]
     assert {"color", "shape"} <= set(rates) <= {"color", "shape", "relation"}
     assert all(0.0 <= rate <= 1.0 for rate in rates.values())
     assert rates["shape"] <= rates["color"]  # a shape is judged on the blob of its colour: no blob, no shape
     assert json.loads((tmp_path / "eval.json").read_text())["checks_passed"] == rates
+
 
 def test_cli_analyze_and_guidance_sweep(pipe, feature_net, tmp_path, monkeypatch):
     """python -m raphael_ext analyze / evaluate --guidance a,b on a pipeline folder (the sweep's feature net is the
