@@ -129,6 +129,28 @@ def test_gradient_checkpointing_matches():
         torch.testing.assert_close(a, b)
 
 
+def test_patch_size_runs_the_same_network_on_folded_pixels():
+    """patch_size=2 is exactly the patch-1 network run on pixel_unshuffle(x) (4x the channels, half the height and
+    width) with its prediction unfolded again; the edge head (which answers for 2x2 pixels at a time) still gives
+    logits at the sample's full resolution."""
+    torch.manual_seed(0)
+    patched = untrained_but_connected(tiny(patch_size=2, gate_noise=0.0)).eval()
+    folded = tiny(in_channels=12, out_channels=12, sample_size=16, gate_noise=0.0).eval()
+    shared = {k: v for k, v in patched.state_dict().items() if not k.startswith("edge_head.")}
+    missing, _ = folded.load_state_dict(shared, strict=False)
+    assert missing and all(k.startswith("edge_head.") for k in missing)
+    x, t, text, lengths = inputs(patched.config)
+    with torch.no_grad():
+        out = patched(x, t, text, lengths)
+        reference = folded(torch.nn.functional.pixel_unshuffle(x, 2), t, text, lengths)
+    torch.testing.assert_close(out.sample, torch.nn.functional.pixel_shuffle(reference.sample, 2))
+    assert out.sample.shape == x.shape and out.edge_logits.shape == (2, 1, 32, 32)
+    assert out.attn_maps[0].shape[1] == (32 // 4) ** 2  # the attention level runs at 1/2 of 1/2
+    assert patched.sample_stride == 4
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny(patch_size=0)
+
+
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = tiny().eval()

@@ -221,6 +221,21 @@ def test_controlnet_starts_as_identity_and_steers_when_trained(tmp_path):
         p("x", num_inference_steps=1, control_image=control)
 
 
+def test_controlnet_of_a_patched_unet_embeds_the_control_at_patch_resolution():
+    """A U-Net with patch_size 2 runs its levels at half the sample's size; its ControlNet's residuals must match."""
+    p = make_pipe(patch_size=2)
+    controlnet = RaphaelControlNet.from_unet(p.unet)
+    nudge(controlnet)
+    assert controlnet.config.patch_size == 2
+    x = torch.randn(2, 3, 32, 32)
+    states, lengths = p.encode_prompt(PROMPTS, "cpu")
+    down, mid = controlnet(x, torch.tensor([3, 700]), states, lengths, controlnet_cond=torch.rand(2, 1, 32, 32))
+    assert [d.shape[-1] for d in down] == [16, 16, 8, 8] and mid.shape[-1] == 8
+    out = p.unet(x, torch.tensor([3, 700]), states, lengths, down_block_additional_residuals=down,
+                 mid_block_additional_residual=mid)
+    assert out.sample.shape == x.shape
+
+
 def test_controlnet_gradients_reach_only_the_controlnet():
     p = make_pipe()
     nudge(p.unet)

@@ -57,7 +57,8 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
 
     The config repeats the U-Net's encoder arguments (RaphaelUNet's names), plus conditioning_channels (1 for an edge
     map), conditioning_downscale (control image pixels per sample pixel: the VAE stride, or 1) and
-    conditioning_embedding_channels (widths of the conditioning encoder)."""
+    conditioning_embedding_channels (widths of the conditioning encoder). With the U-Net's patch_size p the control
+    image is embedded down to 1/p of the sample, where conv_in's output lives."""
 
     _supports_gradient_checkpointing = True
 
@@ -82,6 +83,7 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         conditioning_channels: int = 1,
         conditioning_downscale: int = 1,
         conditioning_embedding_channels: Tuple[int, ...] = (16, 32),
+        patch_size: int = 1,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # see RaphaelUNet.__init__
@@ -89,9 +91,10 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout, space_experts, time_experts,
                                         expert_hidden_mult, gate_noise, balance_loss=False)
         mid_width = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups,
-                                        dropout, block_args, pooled_text, positional_embedding)
+                                        dropout, block_args, pooled_text, positional_embedding, patch_size)
         self.cond_embedding = ConditioningEmbedding(conditioning_channels, channels[0],
-                                                    tuple(conditioning_embedding_channels), conditioning_downscale)
+                                                    tuple(conditioning_embedding_channels),
+                                                    conditioning_downscale * patch_size)
         self.controlnet_down_blocks = nn.ModuleList(
             zero_module(nn.Conv2d(width, width, 1)) for width in down_stage_widths(channels, layers_per_level))
         self.controlnet_mid_block = zero_module(nn.Conv2d(mid_width, mid_width, 1))
@@ -111,7 +114,8 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
             gate_noise=c.gate_noise, pooled_text=c.get("pooled_text", False),
             positional_embedding=c.get("positional_embedding", False), conditioning_channels=conditioning_channels,
             conditioning_downscale=conditioning_downscale,
-            conditioning_embedding_channels=tuple(conditioning_embedding_channels))
+            conditioning_embedding_channels=tuple(conditioning_embedding_channels),
+            patch_size=c.get("patch_size", 1))
         if load_weights_from_unet:
             encoder = ("time_embed.", "text_embed.", "conv_in.", "down.", "mid.", "mid_res.")
             state = {k: v for k, v in unet.state_dict().items() if k.startswith(encoder)}

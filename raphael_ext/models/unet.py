@@ -182,14 +182,17 @@ class SpatialTransformer(nn.Module):
 
 class EdgeHead(nn.Module):
     """P_theta (paper §3.2): a stack of `layers` convolutions from the pooled token's attention maps (averaged over
-    the transformer blocks, at the sample resolution) to edge logits [B, 1, H, W]."""
+    the transformer blocks) to edge logits [B, 1, H, W]. The maps come at 1/patch_size of the sample's resolution, like
+    the U-Net's first level, and the last convolution answers for each p x p patch of pixels (pixel_shuffle), so the
+    head costs what one U-Net level does rather than p**2 times that."""
 
-    def __init__(self, channels: int, layers: int):
+    def __init__(self, channels: int, layers: int, patch_size: int = 1):
         super().__init__()
         convs = [nn.Conv2d(1, channels, 3, padding=1)]
         convs += [nn.Conv2d(channels, channels, 3, padding=1) for _ in range(layers - 2)]
-        convs += [nn.Conv2d(channels, 1, 3, padding=1)]
+        convs += [nn.Conv2d(channels, patch_size**2, 3, padding=1)]
         self.convs = nn.ModuleList(convs)
+        self.patch_size = patch_size
 
     def forward(self, maps: Tensor) -> Tensor:
         h = maps
@@ -197,7 +200,7 @@ class EdgeHead(nn.Module):
             h = conv(h)
             if i < len(self.convs) - 1:
                 h = F.silu(h)
-        return h
+        return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
 @dataclass
@@ -218,14 +221,17 @@ class RaphaelEncoderMixin:
 
     def _build_encoder(self, in_channels: int, channels: Sequence[int], layers_per_level: int,
                        attention_levels: Sequence[bool], norm_groups: int, dropout: float, block_args: dict,
-                       pooled_text: bool = False, positional: bool = False) -> int:
+                       pooled_text: bool = False, positional: bool = False, patch_size: int = 1) -> int:
         c0 = channels[0]
         time_dim = block_args["time_dim"]
         self.time_embed = nn.Sequential(nn.Linear(c0, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         # The end-of-text token's state added to the time embedding (SDXL's pooled text embedding; not in the paper).
         self.text_embed = nn.Sequential(nn.Linear(block_args["text_dim"], time_dim), nn.SiLU(),
                                         nn.Linear(time_dim, time_dim)) if pooled_text else None
-        self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)
+        # patch_size > 1: x_t enters as p x p patches folded into channels (pixel_unshuffle), so every level runs at
+        # 1/p of the sample's height and width (DiT's patches, simple diffusion's first downsampling).
+        self.patch_size = patch_size
+        self.conv_in = nn.Conv2d(in_channels * patch_size**2, c0, 3, padding=1)
         self.down = nn.ModuleList()
         ch = c0
         for level, (width, attention) in enumerate(zip(channels, attention_levels)):
@@ -276,7 +282,7 @@ class RaphaelEncoderMixin:
                 conv_in_residual: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor]:
         """(the skip connections, the middle block's output); conv_in_residual is added to conv_in's output (a
         ControlNet's conditioning embedding)."""
-        h = self.conv_in(sample)
+        h = self.conv_in(F.pixel_unshuffle(sample, self.patch_size) if self.patch_size > 1 else sample)
         if conv_in_residual is not None:
             h = h + conv_in_residual
         skips = [h]
@@ -323,7 +329,9 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
     t_cutoff the edge loss's T_c; pooled_text adds the end-of-text token's state to the time embedding, so every
     ResNet block sees the prompt (SDXL's pooled text embedding; ours, off in the paper's presets);
     positional_embedding adds a fixed 2D sin-cos position to the transformer tokens (DiT's; ours, off in the presets);
-    prediction_type is diffusers' ("epsilon" in the paper, "v_prediction", "sample").
+    prediction_type is diffusers' ("epsilon" in the paper, "v_prediction", "sample"); patch_size p folds p x p pixels
+    into channels before conv_in and unfolds the prediction after conv_out (DiT's patches; ours, 1 in the presets), so
+    every level runs at 1/p of the sample's height and width, p**2 times fewer positions for the same widths.
     """
 
     _supports_gradient_checkpointing = True
@@ -361,6 +369,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         prediction_type: str = "epsilon",
         gradient_checkpointing: bool = False,
         latent: bool = False,
+        patch_size: int = 1,
     ):
         super().__init__()
         # diffusers' enable_gradient_checkpointing sets this flag on every module that has one, this one included;
@@ -377,11 +386,13 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
                                  f"and norm_groups={norm_groups}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"RaphaelUNet: prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if patch_size < 1:
+            raise ValueError(f"RaphaelUNet: patch_size must be at least 1, got {patch_size}")
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout,
                                         space_experts if use_space_moe else 0, time_experts if use_time_moe else 0,
                                         expert_hidden_mult, gate_noise, balance_loss)
         ch = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups, dropout,
-                                 block_args, pooled_text, positional_embedding)
+                                 block_args, pooled_text, positional_embedding, patch_size)
         skips = down_stage_widths(channels, layers_per_level)
         self.up = nn.ModuleList()
         for level in reversed(range(len(channels))):
@@ -393,8 +404,8 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
             if level > 0:
                 self.up.append(nn.ModuleDict({"upsample": nn.Conv2d(ch, ch, 3, padding=1)}))
         self.norm_out = nn.GroupNorm(norm_groups, ch)
-        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
-        self.edge_head = EdgeHead(edge_channels, edge_layers) if use_edge else None
+        self.conv_out = nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1)
+        self.edge_head = EdgeHead(edge_channels, edge_layers, patch_size) if use_edge else None
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
@@ -436,7 +447,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
     @property
     def sample_stride(self) -> int:
         """The height and width of x_t must be multiples of this."""
-        return 2 ** (len(self.config.channels) - 1)
+        return 2 ** (len(self.config.channels) - 1) * self.patch_size
 
     def forward(
         self,
@@ -469,10 +480,13 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
             else:
                 h = self._run_stage(stage, torch.cat([h, skips.pop()], dim=1), temb, text_states, text_lengths, record)
         out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.patch_size > 1:
+            out = F.pixel_shuffle(out, self.patch_size)
         edge_logits = None
         if self.edge_head is not None:
-            maps = torch.stack([F.interpolate(m[:, None].float(), size=(height, width), mode="bilinear",
-                                              align_corners=False) for m in record.pooled_maps]).mean(dim=0)
+            size = (height // self.patch_size, width // self.patch_size)
+            maps = torch.stack([F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=False)
+                                for m in record.pooled_maps]).mean(dim=0)
             edge_logits = self.edge_head(maps.to(sample.dtype))
         if not return_dict:
             return (out,)
