@@ -15,20 +15,20 @@ from ..training.data import HELD_OUT_SEED, ShapesDataset
 from ..training.trainer import TrainConfig, Trainer
 from .evaluate import evaluate
 
-DEMO_STEPS = 1000  # 442 to 512 s of training, 465 to 543 s in all on the 2-core VM (2026-11-29): inside 10 minutes
+DEMO_STEPS = 1500  # batches of 32: 481 s of training on a slow hour of the 2-core VM (2026-11-29); see README
 # Classifier-free guidance of the demo's samples and score: the weight that aligned best on the tuning prompts in
 # every run of the recipe search (scripts/demo_recipes.py); stronger guidance pushes colours out of the palette.
 DEMO_GUIDANCE = 2.0
 # The demo's recipe (TrainConfig fields; "model" holds RaphaelUNet overrides of the tiny preset); README, "The demo
-# run", says why each differs from the paper's, and scripts/demo_recipes.py searched it on tuning prompts: half the
-# tiny preset's widths and 3 space experts rather than 6 (faster steps), x0 prediction, a 10x learning rate with a
-# fast EMA, square 32x32 batches only (the paper's aspect buckets are for real photos), SD3's logit-normal
-# timesteps, and two conditioning aids of ours (the pooled text embedding in the time embedding, positions for the
-# transformer tokens).
-DEMO_RECIPE = {"batch_size": 16, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.98, "multiscale": False,
+# run", says why each differs from the paper's, and scripts/demo_recipes.py searched it on tuning prompts: 2x2
+# patches and half the tiny preset's widths and 3 space experts rather than 6 (faster steps; batches of 32 cost
+# 0.7x per image what batches of 16 do), x0 prediction, a 10x learning rate with a fast EMA, square 32x32 batches
+# only (the paper's aspect buckets are for real photos), SD3's logit-normal timesteps, and two conditioning aids of
+# ours (the pooled text embedding in the time embedding, positions for the transformer tokens).
+DEMO_RECIPE = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.99, "multiscale": False,
                "timestep_sampling": "logit_normal",
                "model": {"prediction_type": "sample", "channels": [32, 64], "norm_groups": 8, "space_experts": 3,
-                         "pooled_text": True, "positional_embedding": True}}
+                         "pooled_text": True, "positional_embedding": True, "patch_size": 2}}
 
 
 def demo_config(out: Path, steps: int, **overrides) -> TrainConfig:
