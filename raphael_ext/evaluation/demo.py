@@ -15,7 +15,7 @@ from ..training.data import HELD_OUT_SEED, ShapesDataset
 from ..training.trainer import TrainConfig, Trainer
 from .evaluate import evaluate
 
-DEMO_STEPS = 1500  # batches of 32: 481 s of training on a slow hour of the 2-core VM (2026-11-29); see README
+DEMO_STEPS = 1500  # batches of 32: 454 to 481 s of training on the 2-core VM (2026-11-29; make demo 464 s in all)
 # Classifier-free guidance of the demo's samples and score: the weight that aligned best on the tuning prompts in
 # every run of the recipe search (scripts/demo_recipes.py); stronger guidance pushes colours out of the palette.
 DEMO_GUIDANCE = 2.0
