@@ -34,7 +34,8 @@ def _train(args) -> None:
         config = TrainConfig(preset=args.preset, data=args.data, data_workers=args.data_workers, out=args.out,
                              steps=args.steps or 1000,
                              batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                             lr_schedule=args.lr_schedule, timestep_sampling=args.timestep_sampling, seed=args.seed,
+                             lr_schedule=args.lr_schedule, timestep_sampling=args.timestep_sampling,
+                             logit_mean=args.logit_mean, logit_std=args.logit_std, seed=args.seed,
                              checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
                              text_checkpoint=args.text_checkpoint, vae=args.vae, fsdp=args.fsdp,
                              model=json.loads(args.model), init_from=args.init_from,
@@ -174,6 +175,9 @@ def main(argv=None) -> None:
                        help="after the warm-up: constant (the paper's) or a cosine or linear decay to 0 at --steps")
     train.add_argument("--timestep-sampling", default="uniform",
                        help="training timesteps: uniform (the paper's) or logit_normal (SD3's, more of the middle)")
+    train.add_argument("--logit-mean", type=float, default=0.0,
+                       help="logit_normal: mean of the normal whose sigmoid is t / 1000 (-1.05 centres it at SNR 1)")
+    train.add_argument("--logit-std", type=float, default=1.0, help="logit_normal: standard deviation of that normal")
     train.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     train.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0: never)")
     train.add_argument("--seed", type=int, default=0, help="seed of every random draw (weights, data, noise)")

@@ -101,6 +101,11 @@ class TrainConfig:
     # Training timesteps: "uniform" (the paper's, DDPM's) or "logit_normal" (SD3's: sigmoid of N(0, 1), which trains
     # the middle of the noise range, where a sample's layout and shapes are decided, about twice as often)
     timestep_sampling: str = "uniform"
+    # logit_normal's N(logit_mean, logit_std) (diffusers' training scripts' names). SD3 centres it at 0 in rectified-
+    # flow time, where t = 0.5 has SNR 1; in DDPM's linear schedule t = 500 has SNR 0.09 and SNR 1 sits at t = 258,
+    # i.e. logit_mean = -1.05.
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     balance_weight: float = 0.01
     multiscale: bool = True
     low_res_steps: int = 0  # the first N steps at half the training resolution (a fast start; the demo's recipe)
@@ -415,7 +420,8 @@ class Trainer:
         steps, batch = self.unet.config.num_train_timesteps, self.config.batch_size
         if self.config.timestep_sampling == "uniform":
             return torch.randint(0, steps, (batch,), generator=generator)
-        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=0.0, logit_std=1.0,
+        u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=self.config.logit_mean,
+                                                  logit_std=self.config.logit_std,
                                                   generator=generator)
         return (u * steps).long().clamp(max=steps - 1)
 
