@@ -493,7 +493,10 @@ def test_logit_normal_timesteps_train_the_middle_of_the_noise_range(tmp_path):
     assert torch.equal(same, logit_normal.sample_timesteps(torch.Generator().manual_seed(7)))
     assert logit_normal.train_step(0)["loss"] > 0
     # logit_mean moves the centre: sigmoid(-1.05) * 1000 = 259, the linear schedule's SNR-1 timestep
-    shifted = Trainer(config(tmp_path, timestep_sampling="logit_normal", logit_mean=-1.05, batch_size=1000), device="cpu")
+    shifted = Trainer(config(tmp_path, timestep_sampling="logit_normal", logit_mean=-1.05, batch_size=1000),
+                      device="cpu")
     assert shifted.sample_timesteps(torch.Generator().manual_seed(0)).float().median() == pytest.approx(259, abs=25)
     with pytest.raises(ValueError, match="timestep_sampling must be"):
         Trainer(config(tmp_path, timestep_sampling="cosine"), device="cpu")
+    with pytest.raises(ValueError, match="logit_std must be positive"):
+        Trainer(config(tmp_path, timestep_sampling="logit_normal", logit_std=0.0), device="cpu")

@@ -98,8 +98,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     edge_weight: float = 1.0
-    # Training timesteps: "uniform" (the paper's, DDPM's) or "logit_normal" (SD3's: sigmoid of N(0, 1), which trains
-    # the middle of the noise range, where a sample's layout and shapes are decided, about twice as often)
+    # Training timesteps: "uniform" (the paper's, DDPM's) or "logit_normal" (SD3's: sigmoid of N(logit_mean, logit_std),
+    # which trains the middle of the noise range, where a sample's layout and shapes are decided, about twice as often)
     timestep_sampling: str = "uniform"
     # logit_normal's N(logit_mean, logit_std) (diffusers' training scripts' names). SD3 centres it at 0 in rectified-
     # flow time, where t = 0.5 has SNR 1; in DDPM's linear schedule t = 500 has SNR 0.09 and SNR 1 sits at t = 258,
@@ -200,6 +200,8 @@ class Trainer:
         if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"Trainer: timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got "
                              f"{config.timestep_sampling!r}")
+        if config.logit_std <= 0:
+            raise ValueError(f"Trainer: logit_std must be positive, got {config.logit_std}")
         if config.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"Trainer: precision must be 'auto', 'bf16' or 'fp32', got {config.precision!r}")
         if config.controlnet and config.train_text_encoder:
@@ -421,8 +423,7 @@ class Trainer:
         if self.config.timestep_sampling == "uniform":
             return torch.randint(0, steps, (batch,), generator=generator)
         u = compute_density_for_timestep_sampling("logit_normal", batch, logit_mean=self.config.logit_mean,
-                                                  logit_std=self.config.logit_std,
-                                                  generator=generator)
+                                                  logit_std=self.config.logit_std, generator=generator)
         return (u * steps).long().clamp(max=steps - 1)
 
     @torch.no_grad()
