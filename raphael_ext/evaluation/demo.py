@@ -15,7 +15,9 @@ from ..training.data import HELD_OUT_SEED, ShapesDataset
 from ..training.trainer import TrainConfig, Trainer
 from .evaluate import evaluate
 
-DEMO_STEPS = 1800  # batches of 32: 469 to 512 s of training on the 2-core VM (2026-11-29, four runs); see README
+# Training steps of batch 32 for the demo: as many as fit, with sampling and scoring, in ten minutes on two CPU cores
+# (measured times: docs/demo.md).
+DEMO_STEPS = 1800
 # Classifier-free guidance of the demo's samples and score: the weight that aligned best on the tuning prompts in
 # every run of the recipe search (scripts/demo_recipes.py); stronger guidance pushes colours out of the palette.
 DEMO_GUIDANCE = 2.0

@@ -1,5 +1,5 @@
-"""cross_attention_mask (SPEC §3.1): cross-attention that also returns the head-mean attention map and its
-thresholded mask, without materialising the per-head probabilities."""
+"""cross_attention_mask: cross-attention that also returns the head-mean attention map and its thresholded mask (the
+space-MoE mask rule of docs/kernels.md), without materialising the per-head probabilities."""
 
 import math
 from typing import Optional, Tuple
@@ -22,24 +22,34 @@ def cross_attention_mask(
     """Softmax attention of image queries over text keys, plus RAPHAEL's space-MoE mask.
 
     Args:
-        q: [B, H, N_x, D] image queries (SDPA's layout; any strides). D is 32, 64 or 128.
-        k, v: [B, H, N_y, D] text keys and values, 1 <= N_y <= 128.
-        alpha: mask threshold relative to each column's maximum (the paper's 0.2).
-        text_lengths: optional int [B]: keys at positions >= text_lengths[b] are padding and take no part.
-            Values must lie in [0, N_y]; CPU raises otherwise, CUDA clamps (checking would need a host sync).
-        scale: multiplies q·k before the softmax; default 1/sqrt(D).
+        q (`torch.Tensor` of shape `(B, H, N_x, D)`):
+            Image queries, in SDPA's layout (any strides). D is 32, 64 or 128; float32, float16 or bfloat16 (float64 on
+            CPU only, for gradcheck).
+        k (`torch.Tensor` of shape `(B, H, N_y, D)`):
+            Text keys, 1 <= N_y <= 128, in q's dtype and on q's device.
+        v (`torch.Tensor` of shape `(B, H, N_y, D)`):
+            Text values, like k.
+        alpha (`float`, *optional*, defaults to 0.2):
+            Mask threshold relative to each text token's largest map value over the image tokens (the paper's 0.2).
+        text_lengths (`torch.Tensor` of shape `(B,)`, *optional*):
+            Valid text tokens per sample (integer); keys at positions >= text_lengths[b] are padding and take no part.
+            Values must lie in [0, N_y]: the CPU raises otherwise, CUDA clamps (checking would need a host sync).
+            Defaults to all N_y keys valid.
+        scale (`float`, *optional*):
+            Multiplies q·k before the softmax. Defaults to 1/sqrt(D).
 
     Returns:
-        out [B, H, N_x, D]: softmax(q kᵀ·scale) v over the valid keys, stored as [B, N_x, H, D] so that
-            ``out.transpose(1, 2).reshape(B, N_x, H * D)`` is a free view.
-        attn_map [B, N_x, N_y]: the probabilities averaged over heads; 0 at padding keys.
-        mask bool [B, N_x, N_y]: attn_map >= alpha * attn_map.amax(dim=1) (the max over image tokens),
-            both sides compared in float32 (float64 for float64) on the returned, rounded map; False at
-            padding keys. No gradient.
+        `Tuple[torch.Tensor, torch.Tensor, torch.Tensor]`: `(out, attn_map, mask)`:
+            - out `(B, H, N_x, D)`: softmax(q kᵀ·scale) v over the valid keys, stored as (B, N_x, H, D) so that
+              ``out.transpose(1, 2).reshape(B, N_x, H * D)`` is a free view.
+            - attn_map `(B, N_x, N_y)`: the probabilities averaged over heads; 0 at padding keys.
+            - mask `(B, N_x, N_y)`, bool: attn_map >= alpha * attn_map.amax(dim=1) (the max over image tokens),
+              compared in float32 (float64 for float64) on the returned, rounded map; False at padding keys. No
+              gradient.
 
-    Gradients flow from out and attn_map to q, k and v. float64 runs on CPU only (for gradcheck).
-    Decision: a sample with text_lengths = 0 has no key to attend to; its out and attn_map are 0, its
-    mask is all False and no gradient reaches it (instead of the NaN of an empty softmax).
+    Gradients flow from out and attn_map to q, k and v; double backward raises. A sample with text_lengths = 0 has
+    no key to attend to: its out and attn_map are 0, its mask is all False and no gradient reaches it (rather than
+    the NaN of an empty softmax).
     """
     out, attn_map, mask, _ = torch.ops.raphael_ext.cross_attention_mask(
         q, k, v, alpha, text_lengths, _resolve_scale(scale, q)

@@ -1,4 +1,4 @@
-"""sigmoid_focal_loss (SPEC §3.3): torchvision's focal loss, computed with its gradient in one pass."""
+"""sigmoid_focal_loss: torchvision's focal loss (formula in docs/kernels.md), computed with its gradient in one pass."""
 
 from typing import Optional
 
@@ -19,19 +19,28 @@ def sigmoid_focal_loss(
     """Focal loss of `logits` against (soft) `targets` in [0, 1], the value of `torchvision.ops.sigmoid_focal_loss`.
 
     Args:
-        logits: float32/float16/bfloat16 (float64 too) tensor of any shape; [B, ...] when `sample_mask` is given.
-        targets: same shape; cast to `logits`' dtype if it differs (bool/int hard labels are fine). No gradient.
-        alpha: weight of the positive class, in [0, 1]; negative means no weighting.
-        gamma: focusing exponent >= 0 (0 gives the plain binary cross-entropy times the alpha weight).
-        reduction: 'none' | 'mean' | 'sum'.
-        sample_mask: optional bool [B]: samples with False are dropped entirely (their loss and gradient are 0,
-            and 'mean' divides by the elements of the kept samples only). RAPHAEL uses it for the t <= T_c gate.
+        logits (`torch.Tensor`):
+            float32, float16 or bfloat16 (float64 too), any shape; `(B, ...)` when `sample_mask` is given.
+        targets (`torch.Tensor`):
+            Same shape as logits; cast to logits' dtype if it differs (bool or integer hard labels are fine). No
+            gradient.
+        alpha (`float`, *optional*, defaults to 0.5):
+            Weight of the positive class, in [0, 1]; a negative value means no weighting.
+        gamma (`float`, *optional*, defaults to 2.0):
+            Focusing exponent >= 0; 0 gives the binary cross-entropy times the alpha weight.
+        reduction (`str`, *optional*, defaults to `"mean"`):
+            `"none"`, `"mean"` or `"sum"`.
+        sample_mask (`torch.Tensor` of shape `(B,)`, *optional*):
+            bool; samples with False are dropped entirely (their loss and gradient are 0, and `"mean"` divides by the
+            elements of the kept samples only). RAPHAEL uses it for the t <= T_c gate of edge supervision.
 
-    Decision: a 'mean' over zero counted elements (empty input, or every sample dropped) is 0 with a zero
-    gradient, not NaN, so a batch without eligible samples adds nothing to the training loss.
+    Returns:
+        `torch.Tensor`: the loss, a scalar for `"mean"` and `"sum"`, logits' shape for `"none"`. A `"mean"` over zero
+        counted elements (empty input, or every sample dropped) is 0 with a zero gradient, not NaN, so a batch without
+        eligible samples adds nothing to the training loss.
 
-    The kernel computes all math in float32 (float64 for float64 inputs), is finite for logits up to the
-    dtype's range, and writes d(loss)/d(logits) during the forward pass; backward only scales it.
+    All math runs in float32 (float64 for float64 inputs) and is finite for logits up to the dtype's range. The
+    forward pass writes d(loss)/d(logits), so backward only scales it; double backward raises.
     """
     if isinstance(targets, Tensor) and isinstance(logits, Tensor) and targets.dtype != logits.dtype:
         targets = targets.to(logits.dtype)

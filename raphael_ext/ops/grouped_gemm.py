@@ -1,4 +1,4 @@
-"""grouped_gemm (SPEC §3.2): one GEMM per expert over its contiguous rows of `a`, bias and GELU in the epilogue."""
+"""grouped_gemm: one GEMM per expert over its contiguous rows of `a`, bias and GELU in the epilogue."""
 
 from typing import Optional
 
@@ -15,19 +15,26 @@ def grouped_gemm(
     """c[rows of g] = act(a[rows of g] @ b[g] + bias[g]) for every group (expert) g.
 
     Args:
-        a: [T, K] rows sorted by group (float32/float16/bfloat16, float64 too).
-        b: [E, K, N] one weight per group, a's dtype.
-        offsets: int32 [E] cumulative row ends (group g owns rows offsets[g-1]..offsets[g]), as in
-            `torch.nn.functional.grouped_mm`; empty groups are legal.
-        bias: optional [E, N].
-        activation: None or "gelu" (exact erf GELU, F.gelu's default).
+        a (`torch.Tensor` of shape `(T, K)`):
+            Rows sorted by group; float32, float16 or bfloat16 (float64 too).
+        b (`torch.Tensor` of shape `(E, K, N)`):
+            One weight per group, in a's dtype.
+        offsets (`torch.Tensor` of shape `(E,)`):
+            int32 cumulative row ends: group g owns rows offsets[g-1] to offsets[g], as in
+            `torch.nn.functional.grouped_mm`. Empty groups are legal.
+        bias (`torch.Tensor` of shape `(E, N)`, *optional*):
+            One bias per group, added before the activation.
+        activation (`str`, *optional*):
+            None or `"gelu"` (the exact erf GELU, F.gelu's default).
 
-    Returns c [T, N]; rows from offsets[E-1] on are zero (and pass no gradient). The GPU computes in
-    float32 with one rounding to the output dtype. float32 inputs run on TF32 tensor cores only where
+    Returns:
+        `torch.Tensor` of shape `(T, N)`: rows from offsets[E-1] on are zero (and pass no gradient).
+
+    The GPU computes in float32 with one rounding to the output dtype. float32 inputs use TF32 tensor cores only where
     PyTorch's float32 matmuls may (`torch.backends.cuda.matmul.allow_tf32`, or
-    `torch.set_float32_matmul_precision("high")`); by default they run in full float32 precision.
-    With activation="gelu" the backward recomputes the pre-activation with one more grouped GEMM
-    instead of keeping a [T, N] buffer alive between the passes.
+    `torch.set_float32_matmul_precision("high")`); by default they run in full float32 precision. With
+    activation="gelu" the backward recomputes the pre-activation with one more grouped GEMM instead of keeping a
+    (T, N) buffer alive between the passes.
     """
     return torch.ops.raphael_ext.grouped_gemm(a, b, offsets, bias, activation)
 
