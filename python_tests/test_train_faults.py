@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -111,18 +112,20 @@ def test_preemption_checkpoints_the_step_reached_and_resumes_exactly(tmp_path, p
 
 
 def test_kill_9_at_random_moments_loses_only_the_steps_since_the_last_checkpoint(tmp_path, processes):
-    """Three kill -9 (two at random moments after a new checkpoint, one inside a checkpoint write, held there by the
-    test hook), each followed by --resume: the run ends with the uninterrupted run's pipeline, bit for bit."""
+    """Three kill -9 (two at random moments between checkpoints, one inside a checkpoint write, held there by the test
+    hook), each followed by --resume: the run ends with the uninterrupted run's pipeline, bit for bit."""
     steps = ["--steps", "24", "--checkpoint-every", "3"]
     reference = _start(processes, tmp_path / "reference", *steps)
     out = tmp_path / "run"
     rng = random.Random(0)
     run = _start(processes, out, *steps)
     for kill in range(3):
-        before = _newest_step(out)
-        if kill < 2:
+        if kill < 2:  # a random moment between two checkpoints, the interval timed on the one before
+            before = _newest_step(out)
             _wait_for(lambda: _newest_step(out) > before, run)
-            time.sleep(rng.uniform(0.0, 1.5))
+            first, started = _newest_step(out), time.monotonic()
+            _wait_for(lambda: _newest_step(out) > first, run)
+            time.sleep(rng.uniform(0.0, time.monotonic() - started))
         else:
             writing = _wait_for(lambda: _in_a_checkpoint_write(out), run)
         os.kill(run.pid, signal.SIGKILL)
@@ -142,7 +145,7 @@ def test_kill_9_at_random_moments_loses_only_the_steps_since_the_last_checkpoint
 def test_nonfinite_steps_are_skipped_and_a_diverging_run_stops(tmp_path):
     """lr 1e9: a step whose loss or gradients are not finite leaves the weights, EMA and optimizer state as they were
     and is counted in log.jsonl; max_nonfinite_steps in a row stop the run with an error naming the steps and the
-    last good checkpoint, and no NaN reaches a checkpoint or a pipeline."""
+    last good checkpoint (the one before them), and no NaN reaches a checkpoint or a pipeline."""
     trainer = Trainer(config(tmp_path, lr=1e9, steps=40, max_nonfinite_steps=3, checkpoint_every=1), device="cpu")
     snapshots = []
     original_step = trainer.train_step
@@ -154,8 +157,11 @@ def test_nonfinite_steps_are_skipped_and_a_diverging_run_stops(tmp_path):
         return record
 
     trainer.train_step = observed_step
-    with pytest.raises(DivergenceError, match=r"not finite at steps \d+ to \d+ .*last good checkpoint: .*step-"):
+    with pytest.raises(DivergenceError) as error:
         trainer.train()
+    first, last, good = map(int, re.search(r"not finite at steps (\d+) to (\d+) .*last good checkpoint: .*step-(\d+)",
+                                           str(error.value)).groups())
+    assert last - first == 2 and good == first - 1  # the checkpoint before the non-finite steps
     skipped = [(before, after) for record, before, after in snapshots if "nonfinite" in record]
     assert len(skipped) >= 3 and len(snapshots) < 40
     for before, after in skipped:

@@ -544,8 +544,9 @@ class Trainer:
                 # Every rank stops at the same step, whichever rank the signal reached; at the last step the run
                 # simply ends (its checkpoint and pipeline follow).
                 stop = any_rank([self.stop_signal is not None])[0] and self.step < config.steps
+                # No periodic checkpoint amid non-finite steps: the last good one predates them.
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps \
-                        or stop:
+                        and not in_a_row or stop:
                     self.save_checkpoint()
                 if stop:
                     bar.close()
