@@ -29,10 +29,18 @@ CLI_RUN = ["--batch-size", "4", "--warmup-steps", "1", "--model", json.dumps(SMA
 
 
 @pytest.fixture(scope="module")
-def processes():
+def forkserver():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["raphael_ext.__main__", "raphael_ext.training.trainer"])
     return context
+
+
+@pytest.fixture
+def processes(forkserver):
+    """The forkserver's context; processes a failed test leaves running are killed."""
+    yield forkserver
+    for process in multiprocessing.active_children():
+        process.kill()
 
 
 def _cli(argv, log, env):
@@ -190,7 +198,8 @@ def test_cli_run_with_a_huge_learning_rate_stops_with_a_clear_message(tmp_path, 
 
 def test_one_run_per_folder(tmp_path):
     """A fresh run into another run's folder is refused (resume it, or overwrite); keep_last >= 1; after resuming from
-    an older checkpoint (the newer one unreadable), pruning keeps the checkpoint just written and the one before."""
+    an older checkpoint (the newer one unreadable), pruning keeps the checkpoint just written and the one before;
+    checkpoints are ordered by step number, not by name."""
     Trainer(config(tmp_path, steps=4, checkpoint_every=2, keep_last=2), device="cpu").train()
     with pytest.raises(FileExistsError, match="another run's checkpoints.*--resume.*--overwrite"):
         Trainer(config(tmp_path, steps=1), device="cpu").train()
@@ -205,6 +214,8 @@ def test_one_run_per_folder(tmp_path):
     assert [p.name for p in checkpoint_folders(root)] == ["step-0000004", "step-0000003", "step-0000002"]
     Trainer(config(tmp_path, steps=1, overwrite=True), device="cpu").train()
     assert [p.name for p in checkpoint_folders(root)] == ["step-0000001"]
+    (root / "step-10000000").mkdir()  # past 7 digits, names no longer sort like steps
+    assert [p.name for p in checkpoint_folders(root)] == ["step-10000000", "step-0000001"]
 
 
 ACCUMULATION = dict(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, multiscale=False, dataset_size=64,
@@ -268,10 +279,10 @@ def _two_ranks(rank, port, folders, tmp, result_file):
 
 
 def test_two_ranks_agree_on_resume_preemption_and_accumulated_gradients(tmp_path, processes):
-    """Under DDP and FSDP2 on two gloo ranks: the ranks resume the newest checkpoint every one of them can read, and
-    an error on all when there is none; a preemption signal to one rank stops both at the same step; gradient
-    accumulation (grad_accum=2) gives one process's gradients of the whole batch, and DDP exchanges gradients once
-    per step, not once per micro-batch."""
+    """On two gloo ranks: the ranks resume the newest checkpoint every one of them can read, and none readable is an
+    error on both; a preemption signal to one rank stops both at the same step, under DDP and FSDP2; gradient
+    accumulation (grad_accum=2) gives one process's gradients of the whole batch under DDP and FSDP2, and DDP
+    exchanges gradients once per step, not once per micro-batch."""
     Trainer(config(tmp_path, out=str(tmp_path / "rank0"), steps=4, checkpoint_every=2), device="cpu").train()
     shutil.copytree(tmp_path / "rank0", tmp_path / "rank1")
     model = tmp_path / "rank1" / "checkpoints" / "step-0000004" / "model.safetensors"
