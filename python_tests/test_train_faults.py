@@ -214,8 +214,9 @@ def test_one_run_per_folder(tmp_path):
     assert [p.name for p in checkpoint_folders(root)] == ["step-0000004", "step-0000003", "step-0000002"]
     Trainer(config(tmp_path, steps=1, overwrite=True), device="cpu").train()
     assert [p.name for p in checkpoint_folders(root)] == ["step-0000001"]
-    (root / "step-10000000").mkdir()  # past 7 digits, names no longer sort like steps
-    assert [p.name for p in checkpoint_folders(root)] == ["step-10000000", "step-0000001"]
+    for name in ("step-9999999", "step-10000000"):  # past 7 digits, names no longer sort like steps
+        (root / name).mkdir()
+    assert [p.name for p in checkpoint_folders(root)] == ["step-10000000", "step-9999999", "step-0000001"]
 
 
 ACCUMULATION = dict(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, multiscale=False, dataset_size=64,
