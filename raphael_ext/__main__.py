@@ -24,7 +24,7 @@ import torch
 
 def _train(args) -> None:
     from .training.distributed import setup_distributed
-    from .training.trainer import TrainConfig, Trainer
+    from .training.trainer import PREEMPTED_EXIT_STATUS, DivergenceError, Preempted, TrainConfig, Trainer
 
     setup_distributed()
     if args.resume:
@@ -43,7 +43,12 @@ def _train(args) -> None:
                              lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_experts=args.lora_experts,
                              controlnet=args.controlnet)
         trainer = Trainer(config)
-    trainer.train()
+    try:
+        trainer.train()
+    except Preempted:  # the checkpoint of the step reached is written; the message is printed
+        raise SystemExit(PREEMPTED_EXIT_STATUS)
+    except DivergenceError as error:
+        raise SystemExit(f"train: {error}")
 
 
 def _pipeline(args):

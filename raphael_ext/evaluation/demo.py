@@ -38,7 +38,9 @@ DEMO_RECIPE = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.
 def demo_config(out: Path, steps: int, **overrides) -> TrainConfig:
     """The demo's TrainConfig: DEMO_RECIPE with `overrides` (a "model" override is merged into the recipe's)."""
     recipe = {**DEMO_RECIPE, **overrides, "model": {**DEMO_RECIPE["model"], **overrides.get("model", {})}}
-    return TrainConfig(preset="tiny", out=str(out), steps=steps, checkpoint_every=0, log_every=10, **recipe)
+    # overwrite: a demo always starts afresh, also in the folder of an earlier demo run
+    return TrainConfig(preset="tiny", out=str(out), steps=steps, checkpoint_every=0, log_every=10, overwrite=True,
+                       **recipe)
 
 
 def demo(out: Path, steps: int = DEMO_STEPS, use_space_moe: bool = True) -> Dict[str, object]:

@@ -67,7 +67,7 @@ def lora_demonstration(pipeline: Path, out: Path, color: str = "orange", steps: 
         (data / f"{i:05d}.txt").write_text(item["caption"])
     config = TrainConfig(data=str(data), out=str(out / "run"), init_from=str(pipeline), lora_rank=rank,
                          lora_experts=True, steps=steps, batch_size=16, lr=1e-3, warmup_steps=20, multiscale=False,
-                         log_every=10, checkpoint_every=0, caption_dropout=0.1)
+                         log_every=10, checkpoint_every=0, caption_dropout=0.1, overwrite=True)
     Trainer(config).train()
     trained = time.time() - started
 
@@ -124,7 +124,8 @@ def controlnet_demonstration(pipeline: Path, out: Path, steps: int = 300, count:
     started = time.time()
     out = Path(out)
     config = TrainConfig(out=str(out / "run"), init_from=str(pipeline), controlnet="canny", steps=steps,
-                         batch_size=16, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=10, checkpoint_every=0)
+                         batch_size=16, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=10, checkpoint_every=0,
+                         overwrite=True)
     Trainer(config).train()
     trained = time.time() - started
     pipe = _pipeline(out / "run" / "pipeline")

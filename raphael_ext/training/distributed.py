@@ -2,7 +2,7 @@
 (`fully_shard`) for those that do not. Kept apart from the loop, as diffusers keeps its training_utils apart."""
 
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,17 @@ def setup_distributed() -> None:
 
 def rank_and_world() -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def any_rank(flags: List[bool]) -> List[bool]:
+    """Per flag, whether it is set on any rank: one all_reduce(MAX), so that every rank takes the same decision (skip
+    a step, stop the run); in one process the flags themselves."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [bool(flag) for flag in flags]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
 
 
 def fsdp_units(model: nn.Module) -> list:
@@ -51,4 +62,4 @@ def shard(model: nn.Module, mesh, reshard_after_forward: Optional[bool] = None) 
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
-__all__ = ["fsdp_units", "rank_and_world", "setup_distributed", "shard"]
+__all__ = ["any_rank", "fsdp_units", "rank_and_world", "setup_distributed", "shard"]

@@ -11,12 +11,20 @@ Small and readable, in the spirit of DiT's train.py. What is trained:
 Every random draw of a step (which items, their bucket, caption dropout, timesteps, noise, the gates' noise) comes
 from generators seeded by (seed, step, rank), so a run resumed from a checkpoint continues exactly. A run ends by
 writing `out/pipeline/` (EMA weights; a from_pretrained folder), plus `out/lora/` or `out/controlnet/`.
+
+Faults: SIGTERM or SIGUSR1 (a scheduler's notice before it kills the job) ends the step in progress on every rank,
+writes its checkpoint and raises Preempted; a non-finite loss or gradient skips the update, and `max_nonfinite_steps`
+of them in a row raise DivergenceError; a fresh run refuses an `out` that holds another run's checkpoints.
 """
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -37,11 +46,11 @@ from ..models.text_encoder import PRESET_TEXT_ENCODERS, OpenCLIPTextEncoder, ope
 from ..models.unet import RaphaelUNet
 from ..nn import EdgeFocalLoss
 from ..pipelines.pipeline_raphael import RaphaelPipeline, default_scheduler, load_vae, vae_shift, vae_stride
-from .checkpoints import Checkpoints, CheckpointError
+from .checkpoints import Checkpoints, CheckpointError, checkpoint_folders
 from ..pipelines.grid import image_grid
 from .data import HELD_OUT_SEED, FolderDataset, ShapesDataset, fit_image
 from .shards import ShardStream, is_shard_pattern
-from .distributed import rank_and_world, shard
+from .distributed import any_rank, rank_and_world, shard
 
 # The paper's 9 training buckets (height, width) in pixels.
 PAPER_BUCKETS = ((448, 832), (512, 768), (512, 704), (640, 640), (576, 640), (640, 576), (704, 512), (768, 512),
@@ -53,6 +62,26 @@ LORA_TEXT_TOWER = ["c_fc", "c_proj"]  # the MLP of each residual block of open_c
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule: after the warm-up
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # TrainConfig.timestep_sampling
+# What SLURM (scancel, --signal, often USR1), Kubernetes and most schedulers send a while before they kill a job.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The CLI's exit status after a preemption: sysexits.h's EX_TEMPFAIL ("try again later"). Not 0, which would tell a
+# scheduler or a retry loop that the run is done, nor 1, which would say it failed: it stopped cleanly and continues
+# with --resume.
+PREEMPTED_EXIT_STATUS = 75
+
+
+class Preempted(Exception):
+    """train() stopped on SIGTERM/SIGUSR1 after writing the checkpoint of the step it reached."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"preempted by {signal_name} at step {step}: wrote {checkpoint}; continue with --resume "
+                         "(Trainer.resume)")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged: non-finite losses or gradients for max_nonfinite_steps steps in a row, or weights that are
+    not finite (never written)."""
 
 
 def buckets(sample_size: int, multiple: int) -> List[Tuple[int, int]]:
@@ -125,6 +154,9 @@ class TrainConfig:
     lora_alpha: Optional[float] = None  # LoRA scaling alpha / rank (default alpha = rank)
     lora_experts: bool = False  # the LoRA also adapts the expert FFNs (w1, w2 of every space/time expert)
     controlnet: Optional[str] = None  # "canny": train a ControlNet on init_from's frozen pipeline
+    grad_accum: int = 1  # micro-batches per step: each rank's share of the batch goes through in N parts, one update
+    max_nonfinite_steps: int = 10  # a non-finite loss or gradient skips the step; this many in a row stop the run
+    overwrite: bool = False  # a fresh run into an out folder holding another run's checkpoints deletes them
 
     @property
     def mode(self) -> str:
@@ -145,8 +177,9 @@ class Trainer:
         self.config = config
         self._check(config)
         self.rank, self.world = rank_and_world()
-        if config.batch_size % self.world:
-            raise ValueError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes")
+        if config.batch_size % (self.world * config.grad_accum):
+            raise ValueError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes x "
+                             f"{config.grad_accum} micro-batches (grad_accum)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.unet, self.text_encoder, self.tokenizer, self.vae = self._components()
@@ -180,7 +213,10 @@ class Trainer:
         multiple = self.unet.sample_stride * self.vae_stride
         self.buckets = buckets(size, multiple) if config.multiscale else [(size, size)]
         self.step = 0
+        self.last_checkpoint: Optional[Path] = None  # the newest checkpoint of this run (written or resumed)
+        self.stop_signal: Optional[str] = None  # the first preemption signal received while train() runs
         self.data_failures = 0
+        self.nonfinite_steps = 0
         self.history: List[Dict[str, float]] = []
 
     # --- construction -----------------------------------------------------------------------------------------
@@ -206,6 +242,9 @@ class Trainer:
             raise ValueError(f"Trainer: precision must be 'auto', 'bf16' or 'fp32', got {config.precision!r}")
         if config.controlnet and config.train_text_encoder:
             raise ValueError("Trainer: ControlNet training keeps the text encoder frozen (train_text_encoder=False)")
+        if config.grad_accum < 1 or config.max_nonfinite_steps < 1:
+            raise ValueError(f"Trainer: grad_accum and max_nonfinite_steps must be >= 1, got {config.grad_accum} and "
+                             f"{config.max_nonfinite_steps}")
 
     def _components(self):
         """(unet, text_encoder, tokenizer, vae): from init_from's pipeline, or the preset's fresh U-Net and tower."""
@@ -362,14 +401,22 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
+        """One update; none when the loss or a gradient is not finite on any rank: the weights, EMA and optimizer state
+        stay as they were (the record says "nonfinite": 1), and the learning-rate schedule moves on with the step."""
         losses = self.compute_gradients(step)
-        self.optimizer.step()
+        if any_rank([not (math.isfinite(losses["loss"]) and math.isfinite(losses["grad_norm"]))])[0]:
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["nonfinite"] = 1
+        else:
+            self.optimizer.step()
+            self._update_ema()
         self.lr_schedule.step()
-        self._update_ema()
         return losses
 
     def compute_gradients(self, step: int) -> Dict[str, float]:
-        """Forward and backward of `step`'s batch (gradients averaged over the ranks, then clipped); no update."""
+        """Forward and backward of `step`'s batch (gradients averaged over the ranks, then clipped); no update. With
+        grad_accum N each rank's share goes through in N micro-batches whose gradients add up to the share's; the
+        ranks exchange gradients only after the last one."""
         for model in self.trained.values():
             model.train()
         batch = self.batch(step)
@@ -381,32 +428,60 @@ class Trainer:
         noise = torch.randn((self.config.batch_size, *x0.shape[1:]), generator=g)
         t, noise = t[share].to(self.device), noise[share].to(self.device)
         torch.manual_seed(_seed(self.config.seed, step, 1000 + self.rank))  # gate noise and dropout of this step
-        states, lengths = self.encode_text(batch["captions"])
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = self.config.grad_accum
+        size = len(t) // parts
+        record: Dict[str, float] = {}
+        for i in range(parts):
+            part = slice(i * size, (i + 1) * size)
+            with self._gradient_sync(i == parts - 1):
+                losses = self._losses(batch, x0[part], t[part], noise[part], part)
+                loss = sum(losses.values())
+                (loss / parts).backward()
+            for key, value in {"loss": loss, **losses}.items():
+                record[key] = record.get(key, 0.0) + value.item() / parts
+        norm = torch.nn.utils.clip_grad_norm_([p for m in self.trained.values() for p in m.parameters()
+                                               if p.requires_grad], self.config.grad_clip)
+        record["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # before clipping
+        if batch["failures"]:
+            record["data_failures"] = batch["failures"]  # items skipped on this rank
+        return record
+
+    def _losses(self, batch: Dict[str, object], x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                part: slice) -> Dict[str, torch.Tensor]:
+        """The loss terms of the micro-batch `part` of this rank's share."""
+        states, lengths = self.encode_text(batch["captions"][part])
         noisy = self.scheduler.add_noise(x0, noise, t)
         autocast = self.config.precision == "bf16" or (self.config.precision == "auto" and self.device.type == "cuda")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             residuals = {}
             if self.controlnet is not None:
-                control = canny_edges((batch["images"].to(self.device) + 1) / 2)
+                control = canny_edges((batch["images"][part].to(self.device) + 1) / 2)
                 down, mid = self.forward_models["controlnet"](noisy, t, states, lengths, controlnet_cond=control)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             out = self.forward_models.get("unet", self.unet)(noisy, t, states, lengths, **residuals)
         target = training_target(self.scheduler, self.unet.config.prediction_type, x0, noise, t)
         losses = {"denoise": F.mse_loss(out.sample.float(), target)}
         if out.edge_logits is not None and self.controlnet is None:
-            edges = F.adaptive_max_pool2d(batch["edges"].to(self.device), out.edge_logits.shape[-2:])
+            edges = F.adaptive_max_pool2d(batch["edges"][part].to(self.device), out.edge_logits.shape[-2:])
             losses["edge"] = self.config.edge_weight * self.edge_loss(out.edge_logits.float(), edges, t)
         if out.balance_loss is not None and self.config.mode == "full":
             losses["balance"] = self.config.balance_weight * out.balance_loss.float()
-        loss = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in self.trained.values() for p in m.parameters() if p.requires_grad],
-                                       self.config.grad_clip)
-        record = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
-        if batch["failures"]:
-            record["data_failures"] = batch["failures"]  # items skipped on this rank
-        return record
+        return losses
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, enabled: bool):
+        """Whether the backward inside exchanges gradients between the ranks: off for the inner micro-batches of
+        gradient accumulation (DDP's no_sync(), FSDP2's set_requires_gradient_sync(False)), which add up locally."""
+        if self.sharded:
+            for model in self.trained.values():
+                model.set_requires_gradient_sync(enabled)
+        with contextlib.ExitStack() as stack:
+            if not enabled:
+                for model in self.forward_models.values():
+                    if isinstance(model, DistributedDataParallel):
+                        stack.enter_context(model.no_sync())
+            yield
 
     def _lr_factor(self, step: int) -> float:
         """A linear warm-up (the first step at 1/warmup_steps of the lr), then constant or a cosine or linear decay
@@ -435,26 +510,92 @@ class Trainer:
 
     # --- loop ------------------------------------------------------------------------------------------------
     def train(self) -> List[Dict[str, float]]:
+        """Steps up to config.steps, then the last checkpoint and out/pipeline/. Raises Preempted after SIGTERM or
+        SIGUSR1 (the step in progress ends and is checkpointed first), DivergenceError after max_nonfinite_steps
+        non-finite steps in a row (nothing is written), FileExistsError for a fresh run into another run's folder."""
         config = self.config
+        if self.last_checkpoint is None:
+            self._claim_out_folder()
         bar = tqdm(range(self.step, config.steps), initial=self.step, total=config.steps, desc="train",
                    disable=self.rank != 0)
-        for step in bar:
-            record = {"step": step + 1, **self.train_step(step)}
-            self.data_failures += record.pop("data_failures", 0)
-            if self.data_failures:
-                record["data_failures"] = self.data_failures  # items skipped on rank 0 since the run (re)started
-            self.history.append(record)
-            self.step = step + 1
-            if self.rank == 0 and (self.step % config.log_every == 0 or self.step == config.steps):
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
-                self._log(record)
-            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps:
+        in_a_row = 0
+        with self._preemption_signals():
+            for step in bar:
+                record = {"step": step + 1, **self.train_step(step)}
+                self.data_failures += record.pop("data_failures", 0)
+                if self.data_failures:
+                    record["data_failures"] = self.data_failures  # items skipped on rank 0 since the run (re)started
+                in_a_row = in_a_row + 1 if "nonfinite" in record else 0
+                self.nonfinite_steps += "nonfinite" in record
+                if self.nonfinite_steps:
+                    record["nonfinite_steps"] = self.nonfinite_steps  # steps skipped since the run (re)started
+                self.history.append(record)
+                self.step = step + 1
+                if self.rank == 0 and (self.step % config.log_every == 0 or self.step == config.steps or in_a_row):
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}")
+                    self._log(record)
+                if in_a_row >= config.max_nonfinite_steps:
+                    bar.close()
+                    raise DivergenceError(
+                        f"training diverged: the loss or the gradients were not finite at steps "
+                        f"{self.step - in_a_row + 1} to {self.step} ({in_a_row} in a row, max_nonfinite_steps; each "
+                        f"skipped); last good checkpoint: {self.last_checkpoint or 'none'}; nothing more written. "
+                        "Lower the learning rate or check the data.")
+                # Every rank stops at the same step, whichever rank the signal reached; at the last step the run
+                # simply ends (its checkpoint and pipeline follow).
+                stop = any_rank([self.stop_signal is not None])[0] and self.step < config.steps
+                # No periodic checkpoint amid non-finite steps: the last good one predates them.
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.steps \
+                        and not in_a_row or stop:
+                    self.save_checkpoint()
+                if stop:
+                    bar.close()
+                    preempted = Preempted(self.stop_signal or "a signal to another rank", self.step,
+                                          self.last_checkpoint)
+                    if self.rank == 0:
+                        self._log({"event": "preempted", "signal": preempted.signal_name, "step": self.step})
+                        print(preempted, flush=True)
+                    raise preempted
+                if config.sample_every and self.step % config.sample_every == 0 and (self.rank == 0 or self.sharded):
+                    self.save_samples()
+            if self.last_checkpoint != self.checkpoints.folder(self.step):
                 self.save_checkpoint()
-            if config.sample_every and self.step % config.sample_every == 0 and (self.rank == 0 or self.sharded):
-                self.save_samples()
-        self.save_checkpoint()
-        self.save_outputs()
+            self.save_outputs()
         return self.history
+
+    @contextlib.contextmanager
+    def _preemption_signals(self):
+        """While training, SIGTERM and SIGUSR1 only note that the job is to stop (train() ends the step, writes its
+        checkpoint and raises Preempted); a second one is ignored, so it cannot interrupt that checkpoint. Signal
+        handlers exist in the main thread only: elsewhere the signals keep their default (the process ends)."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, frame):
+            self.stop_signal = self.stop_signal or signal.Signals(signum).name
+
+        previous = {signum: signal.signal(signum, note) for signum in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _claim_out_folder(self) -> None:
+        """A fresh run never mixes its checkpoints with another run's (a later resume would continue the wrong one,
+        pruning would delete the new ones): their folder is refused, or with config.overwrite emptied."""
+        existing = checkpoint_folders(self.checkpoints.root)
+        if not existing:
+            return
+        if not self.config.overwrite:
+            raise FileExistsError(
+                f"Trainer: {self.out} holds another run's checkpoints ({existing[0].name}, {len(existing)} in all): "
+                "continue that run with --resume (Trainer.resume), start afresh there with --overwrite "
+                "(overwrite=True: deletes them), or choose another --out")
+        if self.rank == 0:
+            shutil.rmtree(self.checkpoints.root)
 
     def sampling_pipeline(self) -> RaphaelPipeline:
         """The pipeline of what was trained so far: EMA weights (the U-Net with its LoRA adapter in LoRA runs)."""
@@ -487,6 +628,8 @@ class Trainer:
     def _log(self, record: Dict[str, object]) -> None:
         """Appends to out/log.jsonl, and to TensorBoard (out/tensorboard) when the tensorboard package is installed."""
         self.out.mkdir(parents=True, exist_ok=True)
+        # Non-finite values as strings ("nan", "inf"): json.dumps would write NaN, which strict JSON readers reject.
+        record = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in record.items()}
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tensorboard is None:
@@ -498,12 +641,14 @@ class Trainer:
                 self._tensorboard = False
         if self._tensorboard and "step" in record:  # training records; events (the data scan) stay in log.jsonl
             for key, value in record.items():
-                if key != "step":
+                if key != "step" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
             self._tensorboard.add_scalar("train/lr", self.lr_schedule.get_last_lr()[0], record["step"])
 
     # --- checkpoints and outputs ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """out/checkpoints/step-XXXXXXX (every rank calls it); weights that are not finite are never written."""
+        self._check_finite("checkpoint")
         extra = {"train_config": dataclasses.asdict(self.config)}
         if isinstance(self.dataset, ShardStream):  # every rank's position in its share of the shards
             states = [self.dataset.state()]
@@ -511,7 +656,13 @@ class Trainer:
                 states = [None] * self.world
                 dist.all_gather_object(states, self.dataset.state())
             extra["data_state"] = states
-        return self.checkpoints.save(self.step, extra)
+        self.last_checkpoint = self.checkpoints.save(self.step, extra)
+        return self.last_checkpoint
+
+    def _check_finite(self, what: str) -> None:
+        if not self.checkpoints.weights_are_finite():
+            raise DivergenceError(f"Trainer: the weights are not finite at step {self.step}; no {what} written (last "
+                                  f"good checkpoint: {self.last_checkpoint or 'none'})")
 
     def _full_copy(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
         """`model` with full weights for saving: itself in one process or under DDP; under FSDP a new CPU instance
@@ -530,7 +681,8 @@ class Trainer:
 
     def save_outputs(self) -> None:
         """out/pipeline/ (the EMA weights as a RaphaelPipeline folder), and the adapter alone in out/lora/ (LoRA runs)
-        or the ControlNet alone in out/controlnet/ (ControlNet runs)."""
+        or the ControlNet alone in out/controlnet/ (ControlNet runs). Weights that are not finite are never written."""
+        self._check_finite("pipeline")
         if self.config.mode == "lora":
             self.save_lora(self.out / "lora")
             return
@@ -562,7 +714,7 @@ class Trainer:
         writing into `out`."""
         root = Path(out) / "checkpoints"
         settings = None
-        for folder in sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []:
+        for folder in checkpoint_folders(root):
             try:
                 settings = json.loads((folder / "state.json").read_text())["train_config"]
                 break
@@ -574,7 +726,7 @@ class Trainer:
         if steps is not None:
             config.steps = steps
         trainer = cls(config, device=device)
-        _, state = trainer.checkpoints.resume()
+        trainer.last_checkpoint, state = trainer.checkpoints.resume()
         trainer.step = int(state["step"])
         if isinstance(trainer.dataset, ShardStream) and state.get("data_state"):
             states = state["data_state"]
@@ -585,5 +737,5 @@ class Trainer:
         return trainer
 
 
-__all__ = ["LORA_ATTENTION", "LORA_EXPERTS", "LORA_TEXT_TOWER", "PAPER_BUCKETS", "TrainConfig", "Trainer", "buckets",
-           "training_target"]
+__all__ = ["DivergenceError", "LORA_ATTENTION", "LORA_EXPERTS", "LORA_TEXT_TOWER", "PAPER_BUCKETS",
+           "PREEMPTED_EXIT_STATUS", "Preempted", "TrainConfig", "Trainer", "buckets", "training_target"]
