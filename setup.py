@@ -24,9 +24,11 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS_WITHOUT_GPU = "8.0;9.0a"
-# Besides torch (pinned to the build's version in build_extension). Pinned versions for CI: requirements-dev.txt.
-RUNTIME_REQUIREMENTS = ["numpy", "safetensors", "tqdm", "pillow", "open_clip_torch", "diffusers", "transformers",
-                        "peft", "webdataset", "scikit-learn", "torchmetrics", "matplotlib"]
+# Besides torch (pinned to the build's version in build_extension); the training and evaluation extras are in
+# pyproject.toml. Lower bounds: diffusers' enable_layerwise_casting and LoRA loaders, PEFT's target_parameters (the
+# experts' LoRA). Pinned versions for CI: requirements-dev.txt.
+RUNTIME_REQUIREMENTS = ["numpy", "safetensors", "tqdm", "pillow", "open_clip_torch", "diffusers>=0.32",
+                        "transformers", "peft>=0.17", "accelerate"]
 
 
 def _terminal():

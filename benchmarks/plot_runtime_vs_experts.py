@@ -32,12 +32,9 @@ def main() -> None:
         base = points[min(points)][0]
         for e in sorted(points):
             print(f"| {group} | {provider} | {e} | {points[e][0]:.2f} | x{points[e][0] / base:.2f} | {points[e][1]} |")
-    import matplotlib
+    from raphael_ext.plotting import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     for (group, provider), points in sorted(series.items()):
         experts = sorted(points)
         label = f"{provider} ({group.split(' ', 1)[1]})"

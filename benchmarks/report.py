@@ -44,13 +44,10 @@ def entries_from_json(path: Path):
 
 def plot(entries, path: Path) -> None:
     """One horizontal bar chart per case: time of each provider, ours highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from raphael_ext.plotting import subplots
 
     groups = group_results(entries)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.0 + 1.3 * len(groups)), squeeze=False)
+    fig, axes = subplots(len(groups), 1, figsize=(9, 1.0 + 1.3 * len(groups)), squeeze=False)
     for ax, (group, providers) in zip(axes[:, 0], groups.items()):
         names = sorted(providers, key=lambda p: providers[p][0], reverse=True)
         times = [providers[p][0] * 1e3 for p in names]
@@ -64,7 +61,6 @@ def plot(entries, path: Path) -> None:
     axes[-1, 0].set_xlabel("median time (ms, log scale; lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -15,45 +15,110 @@
 """
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
 
 
+# What `train --resume` may change: how and where the run goes on, never what it trains.
+RESUME_OPTIONS = ("steps", "fsdp", "vae", "data_workers", "checkpoint_every", "sample_every", "log_every", "keep_last",
+                  "max_nonfinite_steps", "validation_prompt")
+
+
+class UsageError(Exception):
+    """A user's mistake on the command line: printed as one line, exit status 2 (argparse's convention)."""
+
+
+def _config_options(args) -> dict:
+    """The TrainConfig fields given on the command line (the train parser's flags default to absent)."""
+    from .training.trainer import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in vars(args).items()
+            if name in names}
+
+
 def _train(args) -> None:
     from .training.distributed import setup_distributed
-    from .training.trainer import PREEMPTED_EXIT_STATUS, DivergenceError, Preempted, TrainConfig, Trainer
+    from .training.trainer import PREEMPTED_EXIT_STATUS, ConfigError, DivergenceError, Preempted, TrainConfig, Trainer
 
-    setup_distributed()
-    if args.resume:
-        # The run's own settings, except how it is spread over the ranks (--fsdp or not) and where its VAE is.
-        trainer = Trainer.resume(args.out, steps=args.steps, fsdp=args.fsdp, **({"vae": args.vae} if args.vae else {}))
-    else:
-        config = TrainConfig(preset=args.preset, data=args.data, data_workers=args.data_workers, out=args.out,
-                             steps=args.steps or 1000,
-                             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                             lr_schedule=args.lr_schedule, timestep_sampling=args.timestep_sampling,
-                             logit_mean=args.logit_mean, logit_std=args.logit_std, seed=args.seed,
-                             checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-                             text_checkpoint=args.text_checkpoint, vae=args.vae, fsdp=args.fsdp,
-                             model=json.loads(args.model), init_from=args.init_from,
-                             train_text_encoder=args.train_text_encoder, text_lr=args.text_lr,
-                             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_experts=args.lora_experts,
-                             controlnet=args.controlnet)
-        trainer = Trainer(config)
+    options = _config_options(args)
     try:
+        if args.resume:
+            changed = sorted(set(options) - set(RESUME_OPTIONS) - {"out"})
+            if changed:
+                flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+                raise UsageError(f"--resume continues the run as it was configured; {flags} would change it: drop "
+                                 f"{'it' if len(changed) == 1 else 'them'}, or start a new run in another --out")
+            setup_distributed()
+            for name, value in options.items():
+                if name != "out":
+                    print(f"resume: --{name.replace('_', '-')} {value}", file=sys.stderr)
+            trainer = Trainer.resume(**options)
+        else:
+            setup_distributed()
+            trainer = Trainer(TrainConfig(**options))
         trainer.train()
+    except (ConfigError, FileExistsError) as error:
+        raise UsageError(str(error)) from error
     except Preempted:  # the checkpoint of the step reached is written; the message is printed
         raise SystemExit(PREEMPTED_EXIT_STATUS)
     except DivergenceError as error:
         raise SystemExit(f"train: {error}")
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, with its type, choices and help; absent unless given, so --resume can tell
+    which were."""
+    from .training.trainer import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kwargs = {"default": argparse.SUPPRESS, "choices": f.metadata.get("choices"),
+                  "help": (f.metadata["help"] + ("" if f.name == "out" else f" (default: {default!r})")).replace(
+                      "%", "%%")}
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, dict):
+            kwargs["type"], kwargs["metavar"] = _json_object, "JSON"
+        elif f.name == "betas":
+            kwargs["type"], kwargs["nargs"], kwargs["metavar"] = float, 2, ("BETA1", "BETA2")
+        elif f.name == "validation_prompt":
+            kwargs["action"] = "append"
+        elif "choices" not in f.metadata:
+            kwargs["type"] = _field_type(f)
+        parser.add_argument(flag, required=f.name == "out", **kwargs)
+
+
+def _field_type(f):
+    """int, float or str of a field typed X or Optional[X]."""
+    for kind in (int, float, str):
+        if f.type is kind or f.type == typing.Optional[kind]:
+            return kind
+    raise TypeError(f"TrainConfig.{f.name}: no command-line type for {f.type}")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, e.g. \'{"space_experts": 0}\'')
+    return value
+
+
 def _pipeline(args):
     from .pipelines.pipeline_raphael import RaphaelPipeline, load_vae
 
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        raise UsageError(f"--pipeline {args.pipeline} is not a pipeline folder (no model_index.json): pass the "
+                         "pipeline/ folder that a training run wrote, e.g. runs/x/pipeline")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = RaphaelPipeline.from_pretrained(args.pipeline)
     if args.vae:
@@ -68,7 +133,13 @@ def _pipeline(args):
 def _sample(args) -> None:
     from PIL import Image
 
+    if not all(prompt.strip() for prompt in args.prompt):
+        raise UsageError("--prompt is empty: give the words to draw (an empty prompt draws the unconditional image; "
+                         "for that, pass --guidance 1 with a prompt of your choice)")
     pipe = _pipeline(args)
+    if args.control_image and getattr(pipe, "controlnet", None) is None:
+        raise UsageError(f"--control-image needs a pipeline with a ControlNet; {args.pipeline} has none (train one "
+                         "with train --controlnet canny --init-from PIPELINE, then sample its pipeline)")
     control = Image.open(args.control_image) if args.control_image else None
     result = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=torch.Generator().manual_seed(args.seed), control_image=control,
@@ -80,9 +151,11 @@ def _sample(args) -> None:
 
 
 def _evaluate(args) -> None:
-    """One guidance weight: evaluate() (eval.json); several ("1.5,3,4.5"): the guidance sweep of paper Fig. 6b."""
+    """The judge's score on held-out shapes prompts (eval.json); with several guidance weights ("1.5,3,4.5") or with
+    a user's data, images or scorers, the guidance sweep of paper Fig. 6b (guidance_sweep.json)."""
     guidances = [float(g) for g in args.guidance.split(",")]
-    if len(guidances) == 1:
+    own_data = args.data or args.real_images or args.clip_model or args.clip_checkpoint or args.inception_weights
+    if len(guidances) == 1 and not own_data:
         from .evaluation.evaluate import evaluate
 
         metrics = evaluate(_pipeline(args), Path(args.out), count=args.count, steps=args.steps,
@@ -91,9 +164,10 @@ def _evaluate(args) -> None:
         from .evaluation.quality import InceptionFeatures, OpenCLIPScore, guidance_sweep, load_images
 
         if bool(args.clip_model) != bool(args.clip_checkpoint):
-            raise SystemExit("evaluate: --clip-model and --clip-checkpoint go together")
+            raise UsageError("--clip-model and --clip-checkpoint go together (an open_clip model name and its local "
+                             "weights)")
         if args.data and not args.inception_weights:  # the shapes-CNN's features mean nothing on other images
-            raise SystemExit("evaluate --data: FID on real images needs --inception-weights (local .safetensors)")
+            raise UsageError("--data: FID on real images needs --inception-weights (local .safetensors)")
         clip_score = OpenCLIPScore(args.clip_model, args.clip_checkpoint) if args.clip_model else None
         feature = InceptionFeatures(args.inception_weights) if args.inception_weights else None
         prompts, real = None, load_images(args.real_images) if args.real_images else None
@@ -114,6 +188,13 @@ def _analyze(args) -> None:
     from .evaluation.analysis import analyze
 
     families = args.families.split(",") if args.families else None
+    if args.word_lists:
+        from .evaluation.analysis import load_word_lists
+
+        try:
+            load_word_lists(args.word_lists)
+        except ValueError as error:
+            raise UsageError(f"--word-lists: {error}") from error
     result = analyze(_pipeline(args), Path(args.out), families=families, word_lists=args.word_lists,
                      samples_per_concept=args.samples, steps=args.steps, seed=args.seed, folds=args.folds)
     print(json.dumps(result, indent=1))
@@ -158,54 +239,18 @@ def _convert(args) -> None:
     print(f"wrote {folder}")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m raphael_ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a RAPHAEL U-Net (or a LoRA, or a ControlNet, on a trained pipeline)")
-    train.add_argument("--preset", default="tiny", help="model size: tiny (CPU), small (one GPU) or paper (3 B)")
-    train.add_argument("--data", default="shapes", help='"shapes" (procedural scenes), a folder of images with '
-                                                         'same-name .txt captions, or WebDataset tar shards '
-                                                         '("data/shard-{000000..000099}.tar": jpg/png/webp + txt)')
-    train.add_argument("--data-workers", type=int, default=0,
-                       help="WebDataset shards: data-loader processes that read and decode them (0: none)")
-    train.add_argument("--out", required=True, help="run folder: checkpoints/, log.jsonl, samples/, pipeline/")
-    train.add_argument("--steps", type=int, default=None, help="training steps (default 1000; with --resume: the "
-                                                                 "run's own target unless given)")
-    train.add_argument("--batch-size", type=int, default=16, help="global batch, split over the ranks")
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper's 1e-4)")
-    train.add_argument("--warmup-steps", type=int, default=20000, help="linear learning-rate warm-up (the paper's)")
-    train.add_argument("--lr-schedule", default="constant",
-                       help="after the warm-up: constant (the paper's) or a cosine or linear decay to 0 at --steps")
-    train.add_argument("--timestep-sampling", default="uniform",
-                       help="training timesteps: uniform (the paper's) or logit_normal (SD3's, more of the middle)")
-    train.add_argument("--logit-mean", type=float, default=0.0,
-                       help="logit_normal: mean of the normal whose sigmoid is t / 1000 (-1.05 centres it at SNR 1)")
-    train.add_argument("--logit-std", type=float, default=1.0, help="logit_normal: standard deviation of that normal")
-    train.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    train.add_argument("--sample-every", type=int, default=0, help="EMA sample grid every N steps (0: never)")
-    train.add_argument("--seed", type=int, default=0, help="seed of every random draw (weights, data, noise)")
-    train.add_argument("--text-checkpoint", default=None,
-                       help="local OpenCLIP .safetensors with the preset's text tower (default: random weights)")
-    train.add_argument("--vae", default=None, help="latent presets: a local diffusers AutoencoderKL folder")
-    train.add_argument("--model", default="{}", help='RaphaelUNet overrides as JSON, e.g. \'{"space_experts": 0}\'')
-    train.add_argument("--resume", action="store_true", help="continue the newest readable checkpoint in --out")
-    train.add_argument("--fsdp", action="store_true",
-                       help="under torchrun: shard the model, EMA and optimizer state over the ranks (FSDP2), not DDP")
-    train.add_argument("--init-from", default=None, help="a pipeline folder to start from (needed by --lora-rank "
-                                                         "and --controlnet)")
-    train.add_argument("--train-text-encoder", action="store_true",
-                       help="fine-tune the text tower too (with --lora-rank: a LoRA on it)")
-    train.add_argument("--text-lr", type=float, default=None, help="the text tower's learning rate (default: --lr)")
-    train.add_argument("--lora-rank", type=int, default=0,
-                       help="train a LoRA adapter of this rank on --init-from's attention projections; saved alone "
-                            "in OUT/lora/")
-    train.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (scale alpha / rank; default: rank)")
-    train.add_argument("--lora-experts", action="store_true",
-                       help="the LoRA also adapts every expert FFN (each expert its own low-rank update)")
-    train.add_argument("--controlnet", choices=["canny"], default=None,
-                       help="train a ControlNet on Canny edges of the training images, --init-from's pipeline frozen")
+    train = sub.add_parser("train", help="train a RAPHAEL U-Net (or a LoRA, or a ControlNet, on a trained pipeline)",
+                           description="Train a RAPHAEL U-Net (or a LoRA, or a ControlNet, on a trained pipeline). "
+                                       "Every option is a field of raphael_ext.training.TrainConfig.")
+    _add_config_arguments(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue the newest checkpoint that every rank can read in --out, with the run's own "
+                            f"settings; only --{', --'.join(o.replace('_', '-') for o in RESUME_OPTIONS)} may change")
     train.set_defaults(handler=_train)
 
     for name, fn, text in (("sample", _sample, "draw images for prompts with a pipeline"),
@@ -302,8 +347,16 @@ def main(argv=None) -> None:
     convert.add_argument("--vae", default=None, help="latent runs: the local AutoencoderKL folder they used")
     convert.set_defaults(handler=_convert)
 
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except UsageError as error:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

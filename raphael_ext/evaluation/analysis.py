@@ -26,16 +26,22 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import confusion_matrix
-from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder
 from tqdm.auto import tqdm
 
+from .._optional import missing_extra
 from ..pipelines.paths import DiffusionPaths
 from ..pipelines.pipeline_raphael import RaphaelPipeline
+from ..plotting import subplots
 from ..training.data import COLORS, RELATIONS, SHAPES, ShapeSpec, caption, relation, sample_scene
+
+try:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+except ImportError as error:
+    raise missing_extra("scikit-learn", "eval") from error
 
 
 class ConceptPrompt(NamedTuple):
@@ -241,22 +247,12 @@ def time_expert_shares(paths: Union[DiffusionPaths, Sequence[DiffusionPaths]]) -
     return {"steps": steps, "timesteps": list(runs[0].timesteps), "prompts": int(table.shape[0]), "blocks": blocks}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_confusion(result: Dict[str, object], family: str, out: Union[str, Path]) -> Path:
     """The route classifier's pooled confusion matrix, titled with its accuracy and chance level."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
     size = 1.6 + 0.55 * len(result["classes"])
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.array(result["confusion"]), display_labels=result["classes"]).plot(
         ax=ax, colorbar=False, xticks_rotation=45)
     ax.set_title(f"{family}: accuracy {result['accuracy']:.2f} ± {result['accuracy_std']:.2f}\n"
@@ -266,9 +262,8 @@ def plot_confusion(result: Dict[str, object], family: str, out: Union[str, Path]
 
 def plot_time_expert_shares(stats: Dict[str, object], out: Union[str, Path]) -> Path:
     """One row per block: the expert most prompts chose at each step (noisiest first), the hand-over marked."""
-    plt = _pyplot()
     table = np.array([block["experts_by_step"] for block in stats["blocks"]])  # [blocks, steps]
-    fig, ax = plt.subplots(figsize=(2.0 + 0.12 * stats["steps"], 1.2 + 0.45 * len(table)))
+    fig, ax = subplots(figsize=(2.0 + 0.12 * stats["steps"], 1.2 + 0.45 * len(table)))
     image = ax.imshow(table, aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
     for row, block in enumerate(stats["blocks"]):
         ax.plot([block["handover"] * stats["steps"] - 0.5] * 2, [row - 0.5, row + 0.5], color="black", lw=2)
@@ -285,7 +280,6 @@ def _save(fig, out: Union[str, Path]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    _pyplot().close(fig)
     return out
 
 

@@ -28,7 +28,8 @@ DEMO_GUIDANCE = 2.0
 # learning rate with a fast EMA, square 32x32 batches only (the paper's aspect buckets are for real photos), SD3's
 # logit-normal timesteps moved towards less noise and widened, and two conditioning aids of ours (the pooled text
 # embedding in the time embedding, positions for the transformer tokens).
-DEMO_RECIPE = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.99, "multiscale": False,
+DEMO_RECIPE = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.99, "ema_warmup": False,
+               "multiscale": False,
                "timestep_sampling": "logit_normal", "logit_mean": -0.5, "logit_std": 1.3,
                "model": {"prediction_type": "sample", "channels": [32, 64], "norm_groups": 8, "space_experts": 3,
                          "expert_hidden_mult": 2, "pooled_text": True, "positional_embedding": True,
@@ -134,12 +135,9 @@ def module_ablation(out: Path, steps: int = 2 * DEMO_STEPS, seeds: Sequence[int]
 
 
 def _plot_modules(report, path: Path) -> None:
-    import matplotlib
+    from ..plotting import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = subplots(figsize=(5.5, 4))
     for variant, points in report["variants"].items():
         ax.errorbar([p["fid"] for p in points], [p["alignment"] for p in points],
                     xerr=[p["fid_stderr"] for p in points], yerr=[p["alignment_stderr"] for p in points],
@@ -154,16 +152,12 @@ def _plot_modules(report, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_loss(history, path: Path) -> None:
-    import matplotlib
+    from ..plotting import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = subplots(figsize=(5, 3))
     for key in ("loss", "denoise", "edge"):
         if key in history[0]:
             ax.plot([r["step"] for r in history], [r[key] for r in history], label=key)
@@ -172,7 +166,6 @@ def _plot_loss(history, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 __all__ = ["DEMO_GUIDANCE", "DEMO_RECIPE", "DEMO_STEPS", "MODULE_VARIANTS", "ablation", "demo", "demo_config",

@@ -124,7 +124,8 @@ def controlnet_demonstration(pipeline: Path, out: Path, steps: int = 300, count:
     started = time.time()
     out = Path(out)
     config = TrainConfig(out=str(out / "run"), init_from=str(pipeline), controlnet="canny", steps=steps,
-                         batch_size=16, lr=1e-3, warmup_steps=20, ema_decay=0.99, log_every=10, checkpoint_every=0,
+                         batch_size=16, lr=1e-3, warmup_steps=20, ema_decay=0.99, ema_warmup=False, log_every=10,
+                         checkpoint_every=0,
                          overwrite=True)
     Trainer(config).train()
     trained = time.time() - started

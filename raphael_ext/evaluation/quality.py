@@ -23,14 +23,19 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from .._optional import missing_extra
 from ..atomic_io import atomic_save_safetensors
 from ..pipelines.pipeline_raphael import RaphaelPipeline
 from ..training.data import COLORS, HELD_OUT_SEED, SHAPES, ShapeSpec, ShapesDataset
 from .evaluate import mean_and_stderr
 from .judge import judge_image
+
+try:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+except ImportError as error:
+    raise missing_extra("torchmetrics", "eval") from error
 
 FEATURE_NET_SEED = 20_011  # ShapesDataset seed of the feature net's training renders (not training's, not held-out)
 FEATURE_NET_STEPS = 1500  # training steps of the default feature net
@@ -332,14 +337,11 @@ def guidance_sweep(pipe: RaphaelPipeline, out_dir: Union[str, Path], guidances: 
 def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_label: str) -> Path:
     """Alignment (x) against FID (y), one point per guidance weight in sweep order, each labelled; the FID floor
     dashed when known."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import subplots
 
     points = report["points"]
     x = "alignment" if "alignment" in points[0] else "clip_score"
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    fig, ax = subplots(figsize=(4.8, 3.6))
     ax.errorbar([p[x] for p in points], [p["fid"] for p in points], xerr=[p[f"{x}_stderr"] for p in points],
                 marker="o", capsize=2)
     for p in points:
@@ -354,7 +356,6 @@ def plot_tradeoff(report: Dict[str, object], out: Union[str, Path], feature_labe
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..plotting import subplots
+
 
 @dataclass
 class DiffusionPaths:
@@ -32,24 +34,14 @@ class DiffusionPaths:
         self.attn_maps = maps
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_space_paths(paths: DiffusionPaths, out: Union[str, Path], prompt: int = 0) -> Path:
     """One line per text token: the space expert it is routed to in each transformer block (last step)."""
-    plt = _figure()
     routes = [r for r in paths.space_routes[-1] if r is not None]
     if not routes:
         raise ValueError("plot_space_paths: no space-MoE routes were recorded (space-MoE is off)")
     table = torch.stack([r[prompt] for r in routes])  # [blocks, N_y]
     tokens = paths.tokens[prompt]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * table.shape[0], 3.5))
+    fig, ax = subplots(figsize=(1.0 + 0.45 * table.shape[0], 3.5))
     for i, token in enumerate(tokens):
         jitter = (i - len(tokens) / 2) * 0.03
         ax.plot(range(table.shape[0]), table[:, i].float() + jitter, marker="o", label=token)
@@ -63,12 +55,11 @@ def plot_space_paths(paths: DiffusionPaths, out: Union[str, Path], prompt: int =
 
 def plot_time_experts(paths: DiffusionPaths, out: Union[str, Path], prompt: int = 0) -> Path:
     """Heat map of the time expert chosen by every block at every sampling step."""
-    plt = _figure()
     rows = [[r[prompt].item() for r in step if r is not None] for step in paths.time_routes]
     if not rows or not rows[0]:
         raise ValueError("plot_time_experts: no time-MoE routes were recorded (time-MoE is off)")
     table = torch.tensor(rows)  # [steps, blocks]
-    fig, ax = plt.subplots(figsize=(1.5 + 0.35 * table.shape[1], 1.0 + 0.12 * table.shape[0]))
+    fig, ax = subplots(figsize=(1.5 + 0.35 * table.shape[1], 1.0 + 0.12 * table.shape[0]))
     image = ax.imshow(table.numpy(), aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
     ax.set_xlabel("transformer block")
     ax.set_ylabel("sampling step (t)")
@@ -81,12 +72,11 @@ def plot_time_experts(paths: DiffusionPaths, out: Union[str, Path], prompt: int 
 
 def plot_attention_maps(paths: DiffusionPaths, out: Union[str, Path], prompt: int = 0) -> Path:
     """Each token's cross-attention map (last step), averaged over the blocks at the finest resolution."""
-    plt = _figure()
     size = max(m.shape[1:3] for m in paths.attn_maps)
     maps = torch.stack([F.interpolate(m[prompt].permute(2, 0, 1)[None], size=size, mode="bilinear",
                                       align_corners=False)[0] for m in paths.attn_maps]).mean(0)  # [N_y, h, w]
     tokens = paths.tokens[prompt]
-    fig, axes = plt.subplots(1, len(tokens), figsize=(1.6 * len(tokens), 1.9), squeeze=False)
+    fig, axes = subplots(1, len(tokens), figsize=(1.6 * len(tokens), 1.9), squeeze=False)
     for ax, i in zip(axes[0], range(len(tokens))):
         ax.imshow(maps[i].numpy(), cmap="viridis")
         ax.set_title(tokens[i], fontsize=8)
@@ -99,7 +89,6 @@ def _save(fig, out: Union[str, Path]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    _figure().close(fig)
     return out
 
 

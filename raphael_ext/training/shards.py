@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .._optional import missing_extra
 from .data import check_image
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 def expand_shards(pattern: str) -> List[str]:
     """Shard paths of a brace pattern ("shard-{000..009}.tar"; several patterns joined by "::")."""
-    from webdataset.shardlists import expand_urls
+    try:
+        from webdataset.shardlists import expand_urls
+    except ImportError as error:
+        raise missing_extra("webdataset", "train") from error
 
     return list(expand_urls(pattern))
 

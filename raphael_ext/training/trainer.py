@@ -27,7 +27,7 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from ..atomic_io import replace_folder_atomically
 from ..models.controlnet import RaphaelControlNet
 from ..models.edges import canny_edges, sobel_edges
 from ..models.text_encoder import PRESET_TEXT_ENCODERS, OpenCLIPTextEncoder, openclip_tokenizer, tokenize
-from ..models.unet import RaphaelUNet
+from ..models.unet import PRESETS, RaphaelUNet
 from ..nn import EdgeFocalLoss
 from ..pipelines.pipeline_raphael import RaphaelPipeline, default_scheduler, load_vae, vae_shift, vae_stride
 from .checkpoints import Checkpoints, CheckpointError, checkpoint_folders
@@ -62,6 +62,8 @@ LORA_TEXT_TOWER = ["c_fc", "c_proj"]  # the MLP of each residual block of open_c
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule: after the warm-up
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # TrainConfig.timestep_sampling
+PRECISIONS = ("auto", "bf16", "fp32")  # TrainConfig.precision
+PAPER_WARMUP_STEPS = 20000
 # What SLURM (scancel, --signal, often USR1), Kubernetes and most schedulers send a while before they kill a job.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The CLI's exit status after a preemption: sysexits.h's EX_TEMPFAIL ("try again later"). Not 0, which would tell a
@@ -77,6 +79,10 @@ class Preempted(Exception):
         super().__init__(f"preempted by {signal_name} at step {step}: wrote {checkpoint}; continue with --resume "
                          "(Trainer.resume)")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class ConfigError(ValueError):
+    """A TrainConfig that cannot run (a user's mistake; the CLI prints it as a usage error, exit status 2)."""
 
 
 class DivergenceError(RuntimeError):
@@ -108,59 +114,107 @@ def training_target(scheduler, prediction_type: str, x0: torch.Tensor, noise: to
     raise ValueError(f"training_target: unknown prediction_type {prediction_type!r}")
 
 
+def _option(default, help: str, choices: Optional[Sequence[str]] = None):
+    """A TrainConfig field with the help text (and choices) its command-line flag shows."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"
-    data: str = "shapes"  # "shapes", a folder of images with same-name .txt captions, or WebDataset tar shards
-    data_workers: int = 0  # WebDataset shards: data-loader processes decoding them (0: the trainer's own process)
-    out: str = "runs/train"
-    steps: int = 1000
-    batch_size: int = 16  # global batch (split over the ranks)
-    fsdp: bool = False  # under torchrun: shard parameters, gradients, optimizer state and EMA (FSDP2) instead of DDP
-    lr: float = 1e-4  # the paper's AdamW settings
-    betas: Tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 20000
-    lr_schedule: str = "constant"  # after the warm-up: "constant" (the paper's), or "cosine"/"linear" decay to 0
-    grad_clip: float = 1.0
-    precision: str = "auto"  # "auto": bf16 autocast on GPUs, float32 on CPUs; "bf16": autocast everywhere; "fp32"
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    edge_weight: float = 1.0
-    # Training timesteps: "uniform" (the paper's, DDPM's) or "logit_normal" (SD3's: sigmoid of N(logit_mean, logit_std),
-    # which trains the middle of the noise range, where a sample's layout and shapes are decided, about twice as often)
-    timestep_sampling: str = "uniform"
-    # logit_normal's N(logit_mean, logit_std) (diffusers' training scripts' names). SD3 centres it at 0 in rectified-
-    # flow time, where t = 0.5 has SNR 1; in DDPM's linear schedule t = 500 has SNR 0.09 and SNR 1 sits at t = 258,
-    # i.e. logit_mean = -1.05.
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    balance_weight: float = 0.01
-    multiscale: bool = True
-    low_res_steps: int = 0  # the first N steps at half the training resolution (a fast start; the demo's recipe)
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int = 0  # EMA sample grid every N steps; 0: never
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_last: int = 3
-    dataset_size: int = 100_000
-    text_checkpoint: Optional[str] = None  # a local OpenCLIP .safetensors for the preset's text tower
-    vae: Optional[str] = None  # latent presets: a local diffusers AutoencoderKL folder (safetensors) encoding images
-    model: Dict[str, object] = field(default_factory=dict)  # RaphaelUNet overrides of the preset
-    init_from: Optional[str] = None  # a pipeline folder to start from (instead of the preset's fresh weights)
-    train_text_encoder: bool = False  # fine-tune the text tower too (the paper keeps ViT-g/14 frozen)
-    text_lr: Optional[float] = None  # the text tower's learning rate (default: lr)
-    lora_rank: int = 0  # > 0: train a LoRA adapter of this rank on init_from's U-Net instead of the U-Net itself
-    lora_alpha: Optional[float] = None  # LoRA scaling alpha / rank (default alpha = rank)
-    lora_experts: bool = False  # the LoRA also adapts the expert FFNs (w1, w2 of every space/time expert)
-    controlnet: Optional[str] = None  # "canny": train a ControlNet on init_from's frozen pipeline
-    grad_accum: int = 1  # micro-batches per step: each rank's share of the batch goes through in N parts, one update
-    max_nonfinite_steps: int = 10  # a non-finite loss or gradient skips the step; this many in a row stop the run
-    overwrite: bool = False  # a fresh run into an out folder holding another run's checkpoints deletes them
+    """What a training run does. `python -m raphael_ext train` has one flag per field (--batch-size for
+    batch_size); the arguments, with their defaults, are listed below (generated from the fields' help)."""
+
+    preset: str = _option("tiny", "model size", choices=PRESETS)
+    data: str = _option("shapes", '"shapes" (procedural scenes), a folder of images with same-name .txt captions, or '
+                                  'WebDataset tar shards ("data/shard-{000000..000099}.tar": jpg/png/webp + txt)')
+    data_workers: int = _option(0, "WebDataset shards: data-loader processes decoding them (0: the trainer's own)")
+    out: str = _option("runs/train", "run folder: checkpoints/, log.jsonl, samples/, pipeline/")
+    steps: int = _option(1000, "training steps")
+    batch_size: int = _option(16, "global batch, split over the ranks")
+    fsdp: bool = _option(False, "under torchrun: shard parameters, gradients, optimizer state and EMA (FSDP2), "
+                                "not DDP")
+    lr: float = _option(1e-4, "AdamW learning rate (the paper's)")
+    betas: Tuple[float, float] = _option((0.9, 0.999), "AdamW betas (the paper's)")
+    weight_decay: float = _option(0.0, "AdamW weight decay")
+    warmup_steps: Optional[int] = _option(None, "linear learning-rate warm-up in steps (default: 5 % of --steps, at "
+                                                "most the paper's 20000)")
+    lr_schedule: str = _option("constant", "after the warm-up: constant (the paper's) or a cosine or linear decay "
+                                           "to 0 at --steps", choices=LR_SCHEDULES)
+    grad_clip: float = _option(1.0, "clip the gradients' global norm to this (0: no clipping)")
+    precision: str = _option("auto", "auto: bf16 autocast on GPUs, float32 on CPUs; bf16: autocast everywhere; fp32",
+                             choices=PRECISIONS)
+    ema_decay: float = _option(0.999, "decay of the EMA weights that the saved pipeline holds")
+    ema_warmup: bool = _option(True, "EMA warm-up as diffusers' EMAModel: decay min(ema_decay, (1 + n) / (10 + n)) "
+                                     "at the n-th update, so the random initial weights fade out in a short run")
+    caption_dropout: float = _option(0.1, "share of captions replaced by the empty prompt (for classifier-free "
+                                          "guidance)")
+    edge_weight: float = _option(1.0, "weight of the edge loss (paper: 1)")
+    timestep_sampling: str = _option("uniform", "training timesteps: uniform (the paper's, DDPM's) or logit_normal "
+                                                "(SD3's: trains the middle of the noise range more often)",
+                                     choices=TIMESTEP_SAMPLINGS)
+    logit_mean: float = _option(0.0, "logit_normal: mean of the normal whose sigmoid is t / 1000")
+    logit_std: float = _option(1.0, "logit_normal: standard deviation of that normal")
+    balance_weight: float = _option(0.01, "weight of the experts' load-balancing loss")
+    multiscale: bool = _option(True, "train on the paper's aspect-ratio buckets (else square images only)")
+    low_res_steps: int = _option(0, "the first N steps at half the training resolution (a fast start)")
+    seed: int = _option(0, "seed of every random draw (weights, data, noise)")
+    log_every: int = _option(10, "a log.jsonl record every N steps")
+    sample_every: int = _option(0, "EMA sample grid every N steps (0: never)")
+    checkpoint_every: int = _option(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _option(3, "checkpoints kept (the newest by step, >= 1)")
+    dataset_size: int = _option(100_000, "shapes data: scenes per epoch")
+    text_checkpoint: Optional[str] = _option(None, "a local OpenCLIP .safetensors with the preset's text tower "
+                                                   "(default: random weights)")
+    vae: Optional[str] = _option(None, "latent presets: a local diffusers AutoencoderKL folder (safetensors)")
+    model: Dict[str, object] = _option({}, 'RaphaelUNet overrides of the preset, as JSON, e.g. '
+                                           '\'{"space_experts": 0}\'')
+    init_from: Optional[str] = _option(None, "a pipeline folder to start from (needed by --lora-rank and "
+                                             "--controlnet)")
+    train_text_encoder: bool = _option(False, "fine-tune the text tower too (with --lora-rank: a LoRA on it)")
+    text_lr: Optional[float] = _option(None, "the text tower's learning rate (default: --lr)")
+    lora_rank: int = _option(0, "> 0: train a LoRA adapter of this rank on --init-from's U-Net; saved alone in "
+                                "OUT/lora/")
+    lora_alpha: Optional[float] = _option(None, "LoRA alpha (the update is scaled by alpha / rank; default: rank)")
+    lora_experts: bool = _option(False, "the LoRA also adapts every expert FFN")
+    controlnet: Optional[str] = _option(None, "train a ControlNet on Canny edges of the training images, "
+                                              "--init-from's pipeline frozen", choices=("canny",))
+    validation_prompt: Tuple[str, ...] = _option((), "a prompt of the sample grids (repeat for several; default: "
+                                                     "held-out shapes prompts on shapes data, none otherwise)")
+    grad_accum: int = _option(1, "micro-batches per step: each rank's share of the batch goes through in N parts, "
+                                 "one update")
+    max_nonfinite_steps: int = _option(10, "a non-finite loss or gradient skips the step; this many in a row stop the "
+                                           "run")
+    overwrite: bool = _option(False, "a fresh run into an --out folder holding another run's checkpoints deletes "
+                                     "them")
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """The warm-up in steps: warmup_steps, or 5 % of the run (at most the paper's 20 000) when it is None."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, min(PAPER_WARMUP_STEPS, round(0.05 * self.steps)))
 
     @property
     def mode(self) -> str:
         return "lora" if self.lora_rank > 0 else "controlnet" if self.controlnet else "full"
+
+
+def _document_fields(cls):
+    """Appends an Args: section, one line per field with its default and help (diffusers' docstring style)."""
+    lines = ["", "    Args:"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"        {f.name} (`{getattr(f.type, '__name__', f.type)}`, defaults to `{default!r}`):")
+        lines.append(f"            {f.metadata['help']}" + (f" One of {list(f.metadata['choices'])}."
+                                                           if "choices" in f.metadata else ""))
+    cls.__doc__ = cls.__doc__.rstrip() + "\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+_document_fields(TrainConfig)
 
 
 def _seed(*parts: int) -> int:
@@ -178,7 +232,7 @@ class Trainer:
         self._check(config)
         self.rank, self.world = rank_and_world()
         if config.batch_size % (self.world * config.grad_accum):
-            raise ValueError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes x "
+            raise ConfigError(f"Trainer: batch_size {config.batch_size} must divide over {self.world} processes x "
                              f"{config.grad_accum} micro-batches (grad_accum)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -223,27 +277,38 @@ class Trainer:
     @staticmethod
     def _check(config: TrainConfig) -> None:
         if config.lora_rank < 0:
-            raise ValueError(f"Trainer: lora_rank must be >= 0, got {config.lora_rank}")
+            raise ConfigError(f"Trainer: lora_rank must be >= 0, got {config.lora_rank}")
         if config.lora_rank and config.controlnet:
-            raise ValueError("Trainer: train a LoRA (lora_rank) or a ControlNet (controlnet), not both at once")
+            raise ConfigError("Trainer: train a LoRA (lora_rank) or a ControlNet (controlnet), not both at once")
         if config.controlnet not in (None, "canny"):
-            raise ValueError(f"Trainer: controlnet must be None or 'canny', got {config.controlnet!r}")
+            raise ConfigError(f"Trainer: controlnet must be None or 'canny', got {config.controlnet!r}")
         if config.mode != "full" and config.init_from is None:
-            raise ValueError(f"Trainer: {config.mode} training adapts a trained pipeline; pass init_from=<pipeline "
+            raise ConfigError(f"Trainer: {config.mode} training adapts a trained pipeline; pass init_from=<pipeline "
                              "folder> (--init-from)")
         if config.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"Trainer: lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
+            raise ConfigError(f"Trainer: lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
         if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"Trainer: timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got "
+            raise ConfigError(f"Trainer: timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got "
                              f"{config.timestep_sampling!r}")
         if config.logit_std <= 0:
-            raise ValueError(f"Trainer: logit_std must be positive, got {config.logit_std}")
-        if config.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"Trainer: precision must be 'auto', 'bf16' or 'fp32', got {config.precision!r}")
+            raise ConfigError(f"Trainer: logit_std must be positive, got {config.logit_std}")
+        if config.precision not in PRECISIONS:
+            raise ConfigError(f"Trainer: precision must be one of {PRECISIONS}, got {config.precision!r}")
         if config.controlnet and config.train_text_encoder:
-            raise ValueError("Trainer: ControlNet training keeps the text encoder frozen (train_text_encoder=False)")
+            raise ConfigError("Trainer: ControlNet training keeps the text encoder frozen (train_text_encoder=False)")
+        if config.sample_every and config.data != "shapes" and not config.validation_prompt:
+            raise ConfigError("Trainer: sample grids of your own data need prompts: pass --validation-prompt (one or "
+                              "more), or --sample-every 0")
+        if config.keep_last < 1:
+            raise ConfigError(f"Trainer: keep_last must be >= 1 (the checkpoint just written is always kept), got "
+                              f"{config.keep_last}")
+        if config.warmup_steps is not None and config.warmup_steps < 0:
+            raise ConfigError(f"Trainer: warmup_steps must be >= 0, got {config.warmup_steps}")
+        if config.init_from is not None and not (Path(config.init_from) / "model_index.json").is_file():
+            raise ConfigError(f"Trainer: init_from {config.init_from!r} is not a pipeline folder (no "
+                              "model_index.json); pass the pipeline/ folder a training run wrote")
         if config.grad_accum < 1 or config.max_nonfinite_steps < 1:
-            raise ValueError(f"Trainer: grad_accum and max_nonfinite_steps must be >= 1, got {config.grad_accum} and "
+            raise ConfigError(f"Trainer: grad_accum and max_nonfinite_steps must be >= 1, got {config.grad_accum} and "
                              f"{config.max_nonfinite_steps}")
 
     def _components(self):
@@ -307,8 +372,8 @@ class Trainer:
         """Places every model and returns what the step calls for each trained one: FSDP2 shards of the trained
         models and their EMA (built on the CPU, fully_shard moves one unit at a time to the device), a DDP wrapper,
         or the model itself in one process. Frozen models are replicated."""
-        for frozen in (self.unet, self.text_encoder):
-            if not any(frozen is m for m in self.trained.values()):
+        for frozen in (self.unet, self.text_encoder, self.vae):
+            if frozen is not None and not any(frozen is m for m in self.trained.values()):
                 frozen.to(self.device)
         if self.sharded:
             from torch.distributed.device_mesh import init_device_mesh
@@ -404,12 +469,13 @@ class Trainer:
         """One update; none when the loss or a gradient is not finite on any rank: the weights, EMA and optimizer state
         stay as they were (the record says "nonfinite": 1), and the learning-rate schedule moves on with the step."""
         losses = self.compute_gradients(step)
+        losses["lr"] = self.lr_schedule.get_last_lr()[0]  # the U-Net's learning rate of this step
         if any_rank([not (math.isfinite(losses["loss"]) and math.isfinite(losses["grad_norm"]))])[0]:
             self.optimizer.zero_grad(set_to_none=True)
             losses["nonfinite"] = 1
         else:
             self.optimizer.step()
-            self._update_ema()
+            self._update_ema(step)
         self.lr_schedule.step()
         return losses
 
@@ -441,7 +507,8 @@ class Trainer:
             for key, value in {"loss": loss, **losses}.items():
                 record[key] = record.get(key, 0.0) + value.item() / parts
         norm = torch.nn.utils.clip_grad_norm_([p for m in self.trained.values() for p in m.parameters()
-                                               if p.requires_grad], self.config.grad_clip)
+                                               if p.requires_grad],
+                                              self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
         record["grad_norm"] = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # before clipping
         if batch["failures"]:
             record["data_failures"] = batch["failures"]  # items skipped on this rank
@@ -486,7 +553,7 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         """A linear warm-up (the first step at 1/warmup_steps of the lr), then constant or a cosine or linear decay
         that reaches 0 at config.steps."""
-        warmup, steps = max(1, self.config.warmup_steps), self.config.steps
+        warmup, steps = max(1, self.config.resolved_warmup_steps), self.config.steps
         if step < warmup or self.config.lr_schedule == "constant":
             return min(1.0, (step + 1) / warmup)
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -502,11 +569,19 @@ class Trainer:
         return (u * steps).long().clamp(max=steps - 1)
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, step: int) -> None:
         if self.ema is None:
             return
+        decay = self.ema_decay(step)
         for name, model in self.trained.items():
-            torch._foreach_lerp_(list(self.ema[name].parameters()), list(model.parameters()), 1 - self.config.ema_decay)
+            torch._foreach_lerp_(list(self.ema[name].parameters()), list(model.parameters()), 1 - decay)
+
+    def ema_decay(self, step: int) -> float:
+        """The EMA's decay at (0-based) `step`: with ema_warmup diffusers' EMAModel warm-up, min(ema_decay,
+        (1 + step) / (10 + step)), so a short run's EMA is not mostly its random initial weights."""
+        if not self.config.ema_warmup:
+            return self.config.ema_decay
+        return min(self.config.ema_decay, (1 + step) / (10 + step))
 
     # --- loop ------------------------------------------------------------------------------------------------
     def train(self) -> List[Dict[str, float]]:
@@ -608,15 +683,15 @@ class Trainer:
         return pipe
 
     def save_samples(self, count: int = 8, steps: int = 25) -> Path:
-        """A grid of EMA samples for held-out shapes prompts: out/samples/step-XXXXXXX.png (ControlNet runs steer them
-        with the Canny edges of the held-out scenes). Under FSDP every rank runs it (the EMA's forward gathers its
-        shards); rank 0 writes."""
+        """A grid of EMA samples: out/samples/step-XXXXXXX.png, for the validation prompts or, on shapes data, held-out
+        shapes prompts (ControlNet runs steer them with the Canny edges of the held-out scenes). Under FSDP every rank
+        runs it (the EMA's forward gathers its shards); rank 0 writes."""
         held_out = ShapesDataset(count, self.unet.config.sample_size * self.vae_stride, seed=HELD_OUT_SEED)
         items = [held_out[i] for i in range(count)]
-        captions = [item["caption"] for item in items]
+        captions = list(self.config.validation_prompt) or [item["caption"] for item in items]
         control = None
         if self.controlnet is not None:
-            control = torch.stack([(item["image"] + 1) / 2 for item in items])
+            control = torch.stack([(items[i % count]["image"] + 1) / 2 for i in range(len(captions))])
         images = self.sampling_pipeline()(captions, num_inference_steps=steps, control_image=control,
                                           generator=torch.Generator().manual_seed(0)).images
         path = self.out / "samples" / f"step-{self.step:07d}.png"
@@ -722,6 +797,8 @@ class Trainer:
                 continue  # Checkpoints.resume reports it
         if settings is None:
             raise CheckpointError(f"Trainer.resume: no checkpoint with a readable state.json in {root}")
+        settings.setdefault("ema_warmup", False)  # runs written before the EMA warm-up existed trained without it
+        settings["validation_prompt"] = tuple(settings.get("validation_prompt", ()))
         config = TrainConfig(**{**settings, "betas": tuple(settings["betas"]), "out": str(out), **overrides})
         if steps is not None:
             config.steps = steps
@@ -737,5 +814,5 @@ class Trainer:
         return trainer
 
 
-__all__ = ["DivergenceError", "LORA_ATTENTION", "LORA_EXPERTS", "LORA_TEXT_TOWER", "PAPER_BUCKETS",
+__all__ = ["ConfigError", "DivergenceError", "LORA_ATTENTION", "LORA_EXPERTS", "LORA_TEXT_TOWER", "PAPER_BUCKETS",
            "PREEMPTED_EXIT_STATUS", "Preempted", "TrainConfig", "Trainer", "buckets", "training_target"]
