@@ -329,7 +329,7 @@ def test_guidance_sweep_on_prompts_of_your_own(pipe, feature_net, tiny_clip, tmp
     assert (tmp_path / "guidance_sweep.png").stat().st_size > 0
 
 
-def test_cli_guidance_sweep_on_a_caption_folder(pipe, feature_net, tiny_clip, tmp_path, monkeypatch):
+def test_cli_guidance_sweep_on_a_caption_folder(pipe, feature_net, tiny_clip, tmp_path, monkeypatch, capsys):
     """evaluate --data FOLDER --clip-model --clip-checkpoint --inception-weights (Inception stood in for by the small
     feature net): the folder's captions are the prompts, its images the FID reference."""
     import raphael_ext.evaluation.quality as quality
@@ -345,8 +345,9 @@ def test_cli_guidance_sweep_on_a_caption_folder(pipe, feature_net, tiny_clip, tm
     monkeypatch.setattr(quality, "InceptionFeatures", lambda path: feature_net)
     common = ["evaluate", "--pipeline", str(tmp_path / "pipe"), "--out", str(tmp_path / "sweep"), "--guidance", "1,4",
               "--count", "2", "--steps", "2", "--data", str(data)]
-    with pytest.raises(SystemExit, match="inception"):
+    with pytest.raises(SystemExit) as exit:
         main(common)
+    assert exit.value.code == 2 and "--inception-weights" in capsys.readouterr().err
     main(common + ["--clip-model", "raphael-test-clip", "--clip-checkpoint", str(tiny_clip[2]),
                    "--inception-weights", "inception.safetensors"])
     sweep = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())

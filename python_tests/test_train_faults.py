@@ -57,7 +57,8 @@ def _cli(argv, log, env):
 
 def _start(processes, out, *argv, **env):
     """A CLI training run into `out` (its output in out.log)."""
-    process = processes.Process(target=_cli, args=(["--out", str(out), *CLI_RUN, *argv], f"{out}.log", env))
+    settings = [] if "--resume" in argv else CLI_RUN  # a resumed run keeps its own
+    process = processes.Process(target=_cli, args=(["--out", str(out), *settings, *argv], f"{out}.log", env))
     process.start()
     return process
 
