@@ -4,6 +4,7 @@
 // owned by one token or one block and reduced in a fixed order, so results do not depend on the
 // number of threads. The op itself is written once in csrc/common/moe.h.
 #include "moe_cpu.h"
+#include "vec_math_avx2.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,8 +13,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace raphael_ext::cpu {
 namespace {
@@ -49,6 +55,89 @@ std::vector<int32_t> row_tokens(const at::Tensor& pair_index, int64_t rows) {
     }
   }
   return token;
+}
+
+// at::empty for the large row buffers, backed by transparent huge pages where the kernel offers them
+// (madvise mode): buffers over glibc's mmap threshold (32 MiB) are mapped fresh on every call, and their
+// first touch otherwise costs one page fault per 4 KiB (about 17 ms per 37 MB on a 2-core VM).
+at::Tensor empty_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors are fine
+#endif
+  return t;
+}
+
+#if RAPHAEL_HAVE_AVX2_PATH
+// Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi(x) = exp(-x^2 / 2) / sqrt(2 pi) together, with erf as
+// PyTorch's vectorised GELU computes it (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7): one exp for both.
+RAPHAEL_AVX2 inline void normal_cdf_pdf(__m256 x, __m256* cdf, __m256* pdf) {
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 sign = _mm256_and_ps(z, _mm256_set1_ps(-0.0f));
+  const __m256 az = _mm256_xor_ps(z, sign);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
+  __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+  poly = _mm256_mul_ps(poly, t);
+  const __m256 e = avx2::exp(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
+  const __m256 erf = _mm256_or_ps(_mm256_fnmadd_ps(poly, e, one), sign);
+  *cdf = _mm256_fmadd_ps(_mm256_set1_ps(0.5f), erf, _mm256_set1_ps(0.5f));
+  *pdf = _mm256_mul_ps(e, _mm256_set1_ps(0.39894228040143268f));
+}
+
+// Forward epilogue of the first GEMM on a [rows, F] block (F a multiple of 8): pre += bias (stored back when
+// store_pre: the saved pre-activations), hidden = GELU(pre). Replaces addmm's bias copy and a GELU pass.
+RAPHAEL_AVX2 void bias_gelu_avx2(float* pre, const float* bias, float* hidden, int64_t rows, int64_t F,
+                                 bool store_pre) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = pre + r * F;
+    float* h = hidden + r * F;
+    for (int64_t f = 0; f < F; f += 8) {
+      const __m256 x = _mm256_add_ps(_mm256_loadu_ps(p + f), _mm256_loadu_ps(bias + f));
+      __m256 cdf, pdf;
+      normal_cdf_pdf(x, &cdf, &pdf);
+      if (store_pre) _mm256_storeu_ps(p + f, x);
+      _mm256_storeu_ps(h + f, _mm256_mul_ps(x, cdf));
+    }
+  }
+}
+
+// Backward epilogue on a [rows, F] block: x = pre (+ bias when the GEMM was recomputed without it),
+// hidden = GELU(x) for the weight gradient, dpre *= GELU'(x) = Phi(x) + x phi(x), and the bias gradient
+// sum over rows of dpre into colsum (F floats, zeroed by the caller): one pass where ATen takes three.
+RAPHAEL_AVX2 void gelu_backward_avx2(const float* pre, const float* bias, float* hidden, float* dpre, float* colsum,
+                                     int64_t rows, int64_t F) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = pre + r * F;
+    float* h = hidden + r * F;
+    float* d = dpre + r * F;
+    for (int64_t f = 0; f < F; f += 8) {
+      __m256 x = _mm256_loadu_ps(p + f);
+      if (bias != nullptr) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + f));
+      __m256 cdf, pdf;
+      normal_cdf_pdf(x, &cdf, &pdf);
+      _mm256_storeu_ps(h + f, _mm256_mul_ps(x, cdf));
+      const __m256 dp = _mm256_mul_ps(_mm256_loadu_ps(d + f), _mm256_fmadd_ps(x, pdf, cdf));
+      _mm256_storeu_ps(d + f, dp);
+      _mm256_storeu_ps(colsum + f, _mm256_add_ps(_mm256_loadu_ps(colsum + f), dp));
+    }
+  }
+}
+#endif
+
+// Whether the fused AVX2 epilogues apply: float32 rows of a multiple of 8 on a CPU with AVX2 and FMA.
+bool fused_gelu(const at::Tensor& x, int64_t F) {
+#if RAPHAEL_HAVE_AVX2_PATH
+  return x.scalar_type() == at::kFloat && F % 8 == 0 && avx2::cpu_has_avx2_fma();
+#else
+  return false;
+#endif
 }
 
 // dst[i] = src[token[i]] for the block's rows (any dtype: rows are copied as bytes).
@@ -198,8 +287,10 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
   const std::vector<RowBlock> blocks = row_blocks(ends);
   const std::vector<int32_t> token = row_tokens(plan.pair_index.contiguous(), used);
   const at::Tensor x = tokens.contiguous();
-  at::Tensor out = at::empty({rows, C}, x.options());
-  at::Tensor pre = at::empty({save_pre ? rows : 0, F}, x.options());
+  at::Tensor out = empty_rows({rows, C}, x.options());
+  at::Tensor pre = empty_rows({save_pre ? rows : 0, F}, x.options());
+  const bool fused = fused_gelu(x, F);
+  const at::Tensor bias1 = b1.contiguous();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
     const at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
     at::Tensor a_block = at::empty({kFfnRows, C}, x.options());
@@ -210,9 +301,17 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
       at::Tensor a = a_block.narrow(0, 0, blk.rows);
       gather_rows(x, token.data() + blk.first, a);
       at::Tensor p = save_pre ? pre.narrow(0, blk.first, blk.rows) : pre_block.narrow(0, 0, blk.rows);
-      at::addmm_out(p, b1[blk.expert], a, w1[blk.expert]);
       at::Tensor h = hidden_block.narrow(0, 0, blk.rows);
-      at::gelu_out(h, p);
+      if (fused) {
+#if RAPHAEL_HAVE_AVX2_PATH
+        at::mm_out(p, a, w1[blk.expert]);
+        bias_gelu_avx2(p.data_ptr<float>(), bias1.const_data_ptr<float>() + blk.expert * F, h.data_ptr<float>(),
+                       blk.rows, F, save_pre);
+#endif
+      } else {
+        at::addmm_out(p, b1[blk.expert], a, w1[blk.expert]);
+        at::gelu_out(h, p);
+      }
       at::Tensor y = out.narrow(0, blk.first, blk.rows);
       at::addmm_out(y, b2[blk.expert], h, w2[blk.expert]);
     }
@@ -243,16 +342,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x = tokens.contiguous(), dy = grad.contiguous(), out = expert_out.contiguous();
   const at::Tensor weight = plan.weight.contiguous();
   const auto options = x.options();
-  at::Tensor a = at::empty({used, C}, options);       // gathered tokens
-  at::Tensor g = at::empty({used, C}, options);       // gathered, weighted output gradients
-  at::Tensor hidden = at::empty({used, F}, options);  // GELU(pre)
-  at::Tensor dpre = at::empty({used, F}, options);
-  at::Tensor da = at::empty({used, C}, options);
+  at::Tensor a = empty_rows({used, C}, options);       // gathered tokens
+  at::Tensor g = empty_rows({used, C}, options);       // gathered, weighted output gradients
+  // GELU(pre) and d(pre), one buffer per expert: each stays under glibc's mmap threshold (32 MiB), so the
+  // allocator reuses its pages from call to call instead of mapping and faulting in fresh ones.
+  std::vector<at::Tensor> hidden(E), dpre(E);
+  for (int64_t k = 0; k < E; ++k) {
+    const int64_t len = ends[k] - (k == 0 ? 0 : ends[k - 1]);
+    hidden[k] = at::empty({len, F}, options);
+    dpre[k] = at::empty({len, F}, options);
+  }
+  at::Tensor da = empty_rows({used, C}, options);
   at::Tensor dweight = at::zeros({n, E}, weight.options());
   // Per-block bias gradients in the accumulation dtype, summed per expert below.
   const auto acc = acc_dtype(x.scalar_type());
   at::Tensor db1_blocks = at::empty({num_blocks, F}, options.dtype(acc));
-  at::Tensor db2_blocks = at::empty({num_blocks, C}, options.dtype(acc));
+  at::Tensor db2_blocks = at::zeros({num_blocks, C}, options.dtype(acc));
+  const bool fused = fused_gelu(x, F);
+  if (fused) db1_blocks.zero_();
+  const at::Tensor bias1 = b1.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "space_moe_ffn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -268,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const int64_t k = blk.expert;
         at::Tensor a_rows = a.narrow(0, blk.first, blk.rows);
         gather_rows(x, token.data() + blk.first, a_rows);
+        acc_t* db2_i = db2_blocks.mutable_data_ptr<acc_t>() + i * C;
         for (int64_t r = blk.first; r < blk.first + blk.rows; ++r) {
           const int64_t j = token[r];
           const scalar_t* dyj = dyp + j * C;
@@ -278,32 +387,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t c = 0; c < C; ++c) {
             const acc_t d = static_cast<acc_t>(dyj[c]);
             gr[c] = static_cast<scalar_t>(s * d);
+            db2_i[c] += s * d;
             dot += d * static_cast<acc_t>(outr[c]);
           }
           dwp[j * E + k] = dot;
         }
         at::Tensor g_rows = g.narrow(0, blk.first, blk.rows);
-        at::Tensor p;
-        if (saved_pre.has_value()) {
-          p = saved_pre->narrow(0, blk.first, blk.rows);
-        } else {
-          p = pre_block.narrow(0, 0, blk.rows);
-          at::addmm_out(p, b1[k], a_rows, w1[k]);
-        }
-        at::Tensor dp = dpre.narrow(0, blk.first, blk.rows);
+        const int64_t row_in_expert = blk.first - (k == 0 ? 0 : ends[k - 1]);
+        at::Tensor dp = dpre[k].narrow(0, row_in_expert, blk.rows);
         at::mm_out(dp, g_rows, w2[k].t());
-        at::Tensor h = hidden.narrow(0, blk.first, blk.rows);
-        at::gelu_out(h, p);
-        at::gelu_backward_out(dp, dp, p);
-        at::Tensor db1_i = db1_blocks[i], db2_i = db2_blocks[i], da_rows = da.narrow(0, blk.first, blk.rows);
-        at::sum_out(db1_i, dp, 0, false, acc);
-        at::sum_out(db2_i, g_rows, 0, false, acc);
+        at::Tensor h = hidden[k].narrow(0, row_in_expert, blk.rows);
+        at::Tensor p = saved_pre.has_value() ? saved_pre->narrow(0, blk.first, blk.rows)
+                                             : pre_block.narrow(0, 0, blk.rows);
+        if (fused) {
+#if RAPHAEL_HAVE_AVX2_PATH
+          // Recomputed without the bias: the epilogue adds it on the fly.
+          if (!saved_pre.has_value()) at::mm_out(p, a_rows, w1[k]);
+          gelu_backward_avx2(p.const_data_ptr<float>(),
+                             saved_pre.has_value() ? nullptr : bias1.const_data_ptr<float>() + k * F,
+                             h.data_ptr<float>(), dp.data_ptr<float>(), db1_blocks.data_ptr<float>() + i * F,
+                             blk.rows, F);
+#endif
+        } else {
+          if (!saved_pre.has_value()) at::addmm_out(p, b1[k], a_rows, w1[k]);
+          at::gelu_out(h, p);
+          at::gelu_backward_out(dp, dp, p);
+          at::Tensor db1_i = db1_blocks[i];
+          at::sum_out(db1_i, dp, 0, false, acc);
+        }
+        at::Tensor da_rows = da.narrow(0, blk.first, blk.rows);
         at::mm_out(da_rows, dp, w1[k].t());
       }
     });
   });
   // Weight gradients: one GEMM per expert over all its rows; bias gradients: its blocks' sums, in order.
-  at::Tensor dw1 = at::zeros({E, C, F}, options), dw2 = at::zeros({E, F, C}, options);
+  at::Tensor dw1 = at::empty({E, C, F}, options), dw2 = at::empty({E, F, C}, options);
   at::Tensor db1 = at::zeros({E, F}, options.dtype(acc)), db2 = at::zeros({E, C}, options.dtype(acc));
   int64_t start = 0, block = 0;
   for (int64_t k = 0; k < E; ++k) {
@@ -311,10 +429,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     while (block < num_blocks && blocks[block].expert == k) ++block;
     if (len > 0) {
       at::Tensor dw1_k = dw1[k], dw2_k = dw2[k], db1_k = db1[k], db2_k = db2[k];
-      at::mm_out(dw2_k, hidden.narrow(0, start, len).t(), g.narrow(0, start, len));
-      at::mm_out(dw1_k, a.narrow(0, start, len).t(), dpre.narrow(0, start, len));
+      at::mm_out(dw2_k, hidden[k].t(), g.narrow(0, start, len));
+      at::mm_out(dw1_k, a.narrow(0, start, len).t(), dpre[k]);
       at::sum_out(db1_k, db1_blocks.narrow(0, first_block, block - first_block), 0);
       at::sum_out(db2_k, db2_blocks.narrow(0, first_block, block - first_block), 0);
+    } else {
+      dw1[k].zero_();
+      dw2[k].zero_();
     }
     start = ends[k];
   }
