@@ -323,11 +323,11 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
   return {out, pre};
 }
 
-// The backward of expert_ffn, fused per block of rows like the forward: each block gathers its token rows
-// and weighted output gradients, computes the gate's dweight from the saved expert output, gets its
-// pre-activations (saved, or recomputed in cache), applies GELU and its gradient, sums its bias gradients
-// and computes its input gradient. Only h and d(pre) are written out at T x F, for the weight gradients
-// (one large GEMM per expert afterwards).
+// The backward of expert_ffn, one expert after the other, fused per block of rows like the forward: each
+// block gathers its token rows and weighted output gradients, computes the gate's dweight from the saved
+// expert output, gets its pre-activations (saved, or recomputed in cache), applies GELU and its gradient,
+// sums its bias gradients and computes its input gradient. h and d(pre) are written out for one expert
+// at a time only, for its weight gradients (one GEMM each), so the backward never holds them at T x F.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> MoeBackend::expert_ffn_backward(
     const at::Tensor& tokens, const at::Tensor& grad, const MoePlan& plan, const at::Tensor& expert_out,
     const std::optional<at::Tensor>& saved_pre, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -342,24 +342,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x = tokens.contiguous(), dy = grad.contiguous(), out = expert_out.contiguous();
   const at::Tensor weight = plan.weight.contiguous();
   const auto options = x.options();
-  at::Tensor a = empty_rows({used, C}, options);       // gathered tokens
-  at::Tensor g = empty_rows({used, C}, options);       // gathered, weighted output gradients
-  // GELU(pre) and d(pre), one buffer per expert: each stays under glibc's mmap threshold (32 MiB), so the
-  // allocator reuses its pages from call to call instead of mapping and faulting in fresh ones.
-  std::vector<at::Tensor> hidden(E), dpre(E);
-  for (int64_t k = 0; k < E; ++k) {
-    const int64_t len = ends[k] - (k == 0 ? 0 : ends[k - 1]);
-    hidden[k] = at::empty({len, F}, options);
-    dpre[k] = at::empty({len, F}, options);
-  }
-  at::Tensor da = empty_rows({used, C}, options);
-  at::Tensor dweight = at::zeros({n, E}, weight.options());
-  // Per-block bias gradients in the accumulation dtype, summed per expert below.
   const auto acc = acc_dtype(x.scalar_type());
-  at::Tensor db1_blocks = at::empty({num_blocks, F}, options.dtype(acc));
+  int64_t most_rows = 0;
+  for (int64_t k = 0; k < E; ++k) most_rows = std::max(most_rows, ends[k] - (k == 0 ? 0 : ends[k - 1]));
+  at::Tensor a = empty_rows({used, C}, options);  // gathered tokens
+  at::Tensor g = empty_rows({used, C}, options);  // gathered, weighted output gradients
+  at::Tensor da = empty_rows({used, C}, options);
+  at::Tensor hidden = empty_rows({most_rows, F}, options);  // GELU(pre) of one expert
+  at::Tensor dpre = empty_rows({most_rows, F}, options);
+  at::Tensor dweight = at::zeros({n, E}, weight.options());
+  at::Tensor dw1 = at::empty({E, C, F}, options), dw2 = at::empty({E, F, C}, options);
+  at::Tensor db1 = at::zeros({E, F}, options.dtype(acc)), db2 = at::zeros({E, C}, options.dtype(acc));
+  // Per-block bias gradients in the accumulation dtype, summed per expert in block order.
+  at::Tensor db1_blocks = at::zeros({num_blocks, F}, options.dtype(acc));
   at::Tensor db2_blocks = at::zeros({num_blocks, C}, options.dtype(acc));
   const bool fused = fused_gelu(x, F);
-  if (fused) db1_blocks.zero_();
   const at::Tensor bias1 = b1.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "space_moe_ffn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -368,77 +365,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const acc_t* wp = weight.const_data_ptr<acc_t>();
     acc_t* dwp = dweight.mutable_data_ptr<acc_t>();
     scalar_t* gp = g.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-      const at::NoGradGuard no_grad;
-      at::Tensor pre_block = saved_pre.has_value() ? at::Tensor() : at::empty({kFfnRows, F}, options);
-      for (int64_t i = first; i < last; ++i) {
-        const RowBlock& blk = blocks[i];
-        const int64_t k = blk.expert;
-        at::Tensor a_rows = a.narrow(0, blk.first, blk.rows);
-        gather_rows(x, token.data() + blk.first, a_rows);
-        acc_t* db2_i = db2_blocks.mutable_data_ptr<acc_t>() + i * C;
-        for (int64_t r = blk.first; r < blk.first + blk.rows; ++r) {
-          const int64_t j = token[r];
-          const scalar_t* dyj = dyp + j * C;
-          const scalar_t* outr = outp + r * C;
-          scalar_t* gr = gp + r * C;
-          const acc_t s = wp[j * E + k];
-          acc_t dot = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(dyj[c]);
-            gr[c] = static_cast<scalar_t>(s * d);
-            db2_i[c] += s * d;
-            dot += d * static_cast<acc_t>(outr[c]);
-          }
-          dwp[j * E + k] = dot;
-        }
-        at::Tensor g_rows = g.narrow(0, blk.first, blk.rows);
-        const int64_t row_in_expert = blk.first - (k == 0 ? 0 : ends[k - 1]);
-        at::Tensor dp = dpre[k].narrow(0, row_in_expert, blk.rows);
-        at::mm_out(dp, g_rows, w2[k].t());
-        at::Tensor h = hidden[k].narrow(0, row_in_expert, blk.rows);
-        at::Tensor p = saved_pre.has_value() ? saved_pre->narrow(0, blk.first, blk.rows)
-                                             : pre_block.narrow(0, 0, blk.rows);
-        if (fused) {
-#if RAPHAEL_HAVE_AVX2_PATH
-          // Recomputed without the bias: the epilogue adds it on the fly.
-          if (!saved_pre.has_value()) at::mm_out(p, a_rows, w1[k]);
-          gelu_backward_avx2(p.const_data_ptr<float>(),
-                             saved_pre.has_value() ? nullptr : bias1.const_data_ptr<float>() + k * F,
-                             h.data_ptr<float>(), dp.data_ptr<float>(), db1_blocks.data_ptr<float>() + i * F,
-                             blk.rows, F);
-#endif
-        } else {
-          if (!saved_pre.has_value()) at::addmm_out(p, b1[k], a_rows, w1[k]);
-          at::gelu_out(h, p);
-          at::gelu_backward_out(dp, dp, p);
-          at::Tensor db1_i = db1_blocks[i];
-          at::sum_out(db1_i, dp, 0, false, acc);
-        }
-        at::Tensor da_rows = da.narrow(0, blk.first, blk.rows);
-        at::mm_out(da_rows, dp, w1[k].t());
+    int64_t first_block = 0;
+    for (int64_t k = 0; k < E; ++k) {
+      const int64_t start = k == 0 ? 0 : ends[k - 1], len = ends[k] - start;
+      int64_t last_block = first_block;
+      while (last_block < num_blocks && blocks[last_block].expert == k) ++last_block;
+      if (len == 0) {
+        dw1[k].zero_();
+        dw2[k].zero_();
+        continue;
       }
-    });
-  });
-  // Weight gradients: one GEMM per expert over all its rows; bias gradients: its blocks' sums, in order.
-  at::Tensor dw1 = at::empty({E, C, F}, options), dw2 = at::empty({E, F, C}, options);
-  at::Tensor db1 = at::zeros({E, F}, options.dtype(acc)), db2 = at::zeros({E, C}, options.dtype(acc));
-  int64_t start = 0, block = 0;
-  for (int64_t k = 0; k < E; ++k) {
-    const int64_t len = ends[k] - start, first_block = block;
-    while (block < num_blocks && blocks[block].expert == k) ++block;
-    if (len > 0) {
+      at::parallel_for(first_block, last_block, 1, [&](int64_t first, int64_t last) {
+        const at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
+        at::Tensor pre_block = saved_pre.has_value() ? at::Tensor() : at::empty({kFfnRows, F}, options);
+        for (int64_t i = first; i < last; ++i) {
+          const RowBlock& blk = blocks[i];
+          at::Tensor a_rows = a.narrow(0, blk.first, blk.rows);
+          gather_rows(x, token.data() + blk.first, a_rows);
+          acc_t* db2_i = db2_blocks.mutable_data_ptr<acc_t>() + i * C;
+          for (int64_t r = blk.first; r < blk.first + blk.rows; ++r) {
+            const int64_t j = token[r];
+            const scalar_t* dyj = dyp + j * C;
+            const scalar_t* outr = outp + r * C;
+            scalar_t* gr = gp + r * C;
+            const acc_t s = wp[j * E + k];
+            acc_t dot = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = static_cast<acc_t>(dyj[c]);
+              gr[c] = static_cast<scalar_t>(s * d);
+              db2_i[c] += s * d;
+              dot += d * static_cast<acc_t>(outr[c]);
+            }
+            dwp[j * E + k] = dot;
+          }
+          at::Tensor g_rows = g.narrow(0, blk.first, blk.rows);
+          at::Tensor dp = dpre.narrow(0, blk.first - start, blk.rows);
+          at::mm_out(dp, g_rows, w2[k].t());
+          at::Tensor h = hidden.narrow(0, blk.first - start, blk.rows);
+          at::Tensor p = saved_pre.has_value() ? saved_pre->narrow(0, blk.first, blk.rows)
+                                               : pre_block.narrow(0, 0, blk.rows);
+          if (fused) {
+#if RAPHAEL_HAVE_AVX2_PATH
+            // Recomputed without the bias: the epilogue adds it on the fly.
+            if (!saved_pre.has_value()) at::mm_out(p, a_rows, w1[k]);
+            gelu_backward_avx2(p.const_data_ptr<float>(),
+                               saved_pre.has_value() ? nullptr : bias1.const_data_ptr<float>() + k * F,
+                               h.data_ptr<float>(), dp.data_ptr<float>(), db1_blocks.data_ptr<float>() + i * F,
+                               blk.rows, F);
+#endif
+          } else {
+            if (!saved_pre.has_value()) at::addmm_out(p, b1[k], a_rows, w1[k]);
+            at::gelu_out(h, p);
+            at::gelu_backward_out(dp, dp, p);
+            at::Tensor db1_i = db1_blocks[i];
+            at::sum_out(db1_i, dp, 0, false, acc);
+          }
+          at::Tensor da_rows = da.narrow(0, blk.first, blk.rows);
+          at::mm_out(da_rows, dp, w1[k].t());
+        }
+      });
       at::Tensor dw1_k = dw1[k], dw2_k = dw2[k], db1_k = db1[k], db2_k = db2[k];
-      at::mm_out(dw2_k, hidden[k].t(), g.narrow(0, start, len));
-      at::mm_out(dw1_k, a.narrow(0, start, len).t(), dpre[k]);
-      at::sum_out(db1_k, db1_blocks.narrow(0, first_block, block - first_block), 0);
-      at::sum_out(db2_k, db2_blocks.narrow(0, first_block, block - first_block), 0);
-    } else {
-      dw1[k].zero_();
-      dw2[k].zero_();
+      at::mm_out(dw2_k, hidden.narrow(0, 0, len).t(), g.narrow(0, start, len));
+      at::mm_out(dw1_k, a.narrow(0, start, len).t(), dpre.narrow(0, 0, len));
+      at::sum_out(db1_k, db1_blocks.narrow(0, first_block, last_block - first_block), 0);
+      at::sum_out(db2_k, db2_blocks.narrow(0, first_block, last_block - first_block), 0);
+      first_block = last_block;
     }
-    start = ends[k];
-  }
+  });
   const at::Tensor dx = combine(da, pair_index, std::nullopt, std::nullopt, std::nullopt);
   return {dx, dweight, dw1, db1.to(x.scalar_type()), dw2, db2.to(x.scalar_type())};
 }
