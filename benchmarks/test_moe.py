@@ -4,7 +4,8 @@
 - routing plan alone: vs the same plan in PyTorch (one-hot bmm, nonzero per expert).
 - space_moe forward at N_y = 40: vs the naive formula (every text token's expert on its masked image) and vs
   the same plan in pure PyTorch (one-hot weights, per-expert mm on gathered rows, index_add).
-- space_moe forward + backward, saving the hidden activations and recomputing them, each vs the PyTorch plan,
+- space_moe forward + backward, saving the hidden activations and recomputing them, each vs the PyTorch plan
+  and vs its GEMMs alone (the ceiling),
   with the peak memory of each (extra_info: peak_mib during forward + backward, kept_mib between the passes).
 - time_moe forward + backward: vs a loop over samples and F.grouped_mm on the samples sorted by expert.
 Goals (read from the table, not asserted): GPU grouped_gemm >= 85 % of dense and >= 1.1x F.grouped_mm at
@@ -180,7 +181,31 @@ def memory_mib(step):
 MODES = {"save": False, "recompute": True}
 
 
-@pytest.mark.parametrize("provider", ["raphael_ext", "pure-PyTorch plan"])
+def gemm_ceiling(params, mask, route, gate, recompute):
+    """The expert GEMMs of forward + backward alone (6, or 7 when recomputing), one mm per expert on rows and
+    outputs allocated beforehand: what the op would cost with nothing around its GEMMs."""
+    x, _, w1, _, w2, _ = [t.detach() for t in params]
+    offsets = space_moe_plan(mask, route, gate, w1.shape[0])[0].tolist()
+    buffers = []
+    for k, (start, end) in enumerate(zip([0] + offsets[:-1], offsets)):
+        rows, C, F_ = end - start, w1.shape[1], w1.shape[2]
+        buffers.append((k, x.new_ones(rows, C), x.new_empty(rows, F_), x.new_empty(rows, C), x.new_empty(C, F_),
+                        x.new_empty(F_, C)))
+
+    def step():
+        for k, a, h, y, dw1, dw2 in buffers:
+            for _ in range(2 if recompute else 1):
+                torch.mm(a, w1[k], out=h)
+            torch.mm(h, w2[k], out=y)
+            torch.mm(y, w2[k].t(), out=h)
+            torch.mm(h, w1[k].t(), out=y)
+            torch.mm(h.t(), y, out=dw2)
+            torch.mm(a.t(), h, out=dw1)
+
+    return step
+
+
+@pytest.mark.parametrize("provider", ["raphael_ext", "pure-PyTorch plan", "GEMMs alone (ceiling)"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("device,dtype,B,N_x,C,F_", SPACE_CASES, ids=lambda c: _name(c) if isinstance(c, torch.dtype) else str(c))
 def test_space_moe_forward_backward(run, benchmark, device, dtype, B, N_x, C, F_, mode, provider):
@@ -197,10 +222,12 @@ def test_space_moe_forward_backward(run, benchmark, device, dtype, B, N_x, C, F_
         out = forward()
         return torch.autograd.grad(out, params, torch.ones_like(out))
 
+    if provider == "GEMMs alone (ceiling)":
+        step = gemm_ceiling(params, mask, route, gate, MODES[mode])
     benchmark.group = (f"space_moe fwd+bwd ({mode} hidden) {device} {_name(dtype)} B={B} N_x={N_x} N_y={TEXT} C={C} "
                        f"F={F_} E={EXPERTS}")
     benchmark.extra_info.update(group=benchmark.group, provider=provider, device=device)
-    if device == "cpu":
+    if device == "cpu" and provider != "GEMMs alone (ceiling)":
         peak, _ = memory_mib(step)
         _, kept = memory_mib(forward)
         benchmark.extra_info.update(peak_mib=round(peak, 1), kept_mib=round(kept, 1))
