@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -128,6 +129,21 @@ RAPHAEL_AVX2 void gelu_backward_avx2(const float* pre, const float* bias, float*
       _mm256_storeu_ps(colsum + f, _mm256_add_ps(_mm256_loadu_ps(colsum + f), dp));
     }
   }
+}
+
+// One grouped row of the backward's gather (C a multiple of 8): g = s * dy, db2 += s * dy; returns
+// dy . out, the gate's dweight of the pair.
+RAPHAEL_AVX2 float gather_grad_row_avx2(const float* dy, const float* out, float s, float* g, float* db2, int64_t C) {
+  const __m256 scale = _mm256_set1_ps(s);
+  __m256 dot = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256 d = _mm256_loadu_ps(dy + c);
+    const __m256 sd = _mm256_mul_ps(scale, d);
+    _mm256_storeu_ps(g + c, sd);
+    _mm256_storeu_ps(db2 + c, _mm256_add_ps(_mm256_loadu_ps(db2 + c), sd));
+    dot = _mm256_fmadd_ps(d, _mm256_loadu_ps(out + c), dot);
+  }
+  return static_cast<float>(avx2::reduce_add(dot));
 }
 #endif
 
@@ -389,6 +405,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const scalar_t* outr = outp + r * C;
             scalar_t* gr = gp + r * C;
             const acc_t s = wp[j * E + k];
+#if RAPHAEL_HAVE_AVX2_PATH
+            if (std::is_same_v<scalar_t, float> && fused && C % 8 == 0) {  // casts are no-ops when taken
+              dwp[j * E + k] = gather_grad_row_avx2(reinterpret_cast<const float*>(dyj),
+                                                    reinterpret_cast<const float*>(outr), static_cast<float>(s),
+                                                    reinterpret_cast<float*>(gr), reinterpret_cast<float*>(db2_i), C);
+              continue;
+            }
+#endif
             acc_t dot = 0;
             for (int64_t c = 0; c < C; ++c) {
               const acc_t d = static_cast<acc_t>(dyj[c]);
