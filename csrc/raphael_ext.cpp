@@ -46,15 +46,17 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def("grouped_gemm(Tensor a, Tensor b, Tensor offsets, Tensor? bias=None, str? activation=None) -> Tensor");
   // (db [E, K, N], dbias [E, N]) with db[g] = a[rows of g]^T grad[rows of g]: grouped_gemm's weight gradient.
   m.def("grouped_gemm_weight_grad(Tensor a, Tensor grad, Tensor offsets) -> (Tensor, Tensor)");
-  // Returns (y, expert_out, offsets, pair_index, weight, z): y and the routing plan the backward reuses.
+  // Returns (y, expert_out, offsets, pair_index, weight, z, hidden): y, the routing plan the backward reuses
+  // and, when save_hidden, the first GEMM's pre-activations [B * N_x * min(E, N_y), F] (else empty [0, F]).
   m.def(
       "space_moe(Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
-      "Tensor? text_lengths=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // (dx, dgate, dw1, db1, dw2, db2) from grad_y, the forward's inputs and its saved outputs.
+      "Tensor? text_lengths=None, bool save_hidden=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (dx, dgate, dw1, db1, dw2, db2) from grad_y, the forward's inputs and its saved outputs; without hidden
+  // the first GEMM is recomputed.
   m.def(
       "space_moe_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor route, Tensor gate, Tensor w1, Tensor b1, "
       "Tensor w2, Tensor b2, Tensor? text_lengths, Tensor expert_out, Tensor offsets, Tensor pair_index, "
-      "Tensor weight, Tensor z) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor weight, Tensor z, Tensor? hidden) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // space_moe's routing plan alone: (offsets, pair_index, weight, z), see MoePlan in csrc/common/moe.h.
   m.def(
       "space_moe_plan(Tensor mask, Tensor route, Tensor gate, Tensor? text_lengths, int num_experts) "
@@ -125,13 +127,14 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
 at::Tensor space_moe(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,
                      const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                      const std::optional<at::Tensor>& text_lengths) {
-  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("raphael_ext::space_moe", "")
                              .typed<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const std::optional<at::Tensor>&)>();
-  return std::get<0>(op.call(x, mask, route, gate, w1, b1, w2, b2, text_lengths));
+                                        const std::optional<at::Tensor>&, bool)>();
+  // save_hidden = false: this entry point cannot tell whether a backward follows, so that backward recomputes.
+  return std::get<0>(op.call(x, mask, route, gate, w1, b1, w2, b2, text_lengths, false));
 }
 
 at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tensor& w1, const at::Tensor& b1,

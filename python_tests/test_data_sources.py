@@ -65,6 +65,25 @@ def test_folder_scan_skips_what_cannot_be_used_and_training_survives_later_failu
     assert records[-1]["step"] == 3 and records[-1]["data_failures"] > 0
 
 
+def test_folder_scan_is_shared_not_repeated(tmp_path):
+    """A dataset made from another's scan() has the same pairs and skips without decoding the folder again: an image
+    broken after the scan is still listed (a second scan would set it aside)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"good{i}.png").write_bytes(png_bytes(seed=i))
+        (folder / f"good{i}.txt").write_text(f"picture number {i}")
+    (folder / "nocaption.png").write_bytes(png_bytes(seed=5))
+    first = FolderDataset(folder, 16)
+    scan = first.scan()
+    assert json.loads(json.dumps(scan)) == scan  # plain data: broadcast_object_list pickles it
+    (folder / "good0.png").write_bytes(b"broken after the scan")
+    shared = FolderDataset(folder, 16, scan=scan)
+    assert shared.files == first.files and shared.captions == first.captions and shared.skipped == first.skipped
+    assert len(FolderDataset(folder, 16)) == 2  # scanning again does see the broken file
+    assert shared[1]["caption"] == "picture number 1" and shared[1]["image"].shape == (3, 16, 16)
+
+
 def write_shards(folder, shards=4, per_shard=5, broken=()):
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):

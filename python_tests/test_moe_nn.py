@@ -63,6 +63,36 @@ def test_space_gate_gets_gradient_through_the_chosen_probability():
     torch.testing.assert_close(g_layer, g_manual)
 
 
+def test_space_moe_recompute_switch():
+    """recompute=True gives the same output and gradients while autograd keeps no [pairs, F] hidden activations."""
+    x, text, mask = space_inputs()
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = SpaceMoE(16, 8, 3, hidden_mult=2, recompute=recompute).eval()
+        assert f"recompute={recompute}" in repr(layer)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            out = layer(x, text, mask).out
+        out.square().sum().backward()
+        results[recompute] = (out, [p.grad for p in layer.parameters()])
+        assert ((2 * 12 * 3, 32) in kept) == (not recompute)  # [B * N_x * min(E, N_y), F]
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_unet_config_sets_the_recompute_switch_of_every_space_moe():
+    from raphael_ext import RaphaelUNet
+
+    default = RaphaelUNet.from_preset("tiny")
+    recomputing = RaphaelUNet.from_preset("tiny", space_moe_recompute=True)
+    assert recomputing.config.space_moe_recompute
+    layers = [m for m in recomputing.modules() if isinstance(m, SpaceMoE)]
+    assert layers and all(m.recompute for m in layers)
+    assert not any(m.recompute for m in default.modules() if isinstance(m, SpaceMoE))
+
+
 def test_gate_noise_only_in_training():
     torch.manual_seed(0)
     layer = SpaceMoE(16, 8, 6, gate_noise=10.0)

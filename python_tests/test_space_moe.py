@@ -18,12 +18,15 @@ NAMES = ("x", "mask", "route", "gate", "w1", "b1", "w2", "b2", "text_lengths")
 GRAD_NAMES = ("x", "gate", "w1", "b1", "w2", "b2")
 
 
-def check_against_reference(inputs, grads=True):
+MODES = [pytest.param(False, id="save"), pytest.param(True, id="recompute")]
+
+
+def check_against_reference(inputs, grads=True, recompute=False):
     x = inputs[0]
     dtype, device = x.dtype, x.device
     rtol = moe_rtol(dtype, device)
     ours = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
-    out = space_moe(*ours)
+    out = space_moe(*ours, recompute=recompute)
     ref = to_reference(*inputs)
     expected = naive_space_moe(*ref)
     assert out.dtype == dtype and out.shape == x.shape
@@ -41,12 +44,47 @@ def check_against_reference(inputs, grads=True):
         assert_close_rel(g, w, dtype, f"d{name}", rtol=rtol)
 
 
+@pytest.mark.parametrize("recompute", MODES)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_naive_formula(device, dtype):
-    check_against_reference(make_space_inputs(2, 33, 7, 16, 24, 4, dtype, device, lengths=[7, 4]))
+def test_matches_naive_formula(device, dtype, recompute):
+    check_against_reference(make_space_inputs(2, 33, 7, 16, 24, 4, dtype, device, lengths=[7, 4]), recompute=recompute)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_hidden_are_the_pre_activations(device):
+    """save_hidden returns x_j w1[k] + b1[k] at each pair's row (rows past the pairs zero); without it, nothing."""
+    x, mask, route, gate, w1, b1, w2, b2, lengths = make_space_inputs(2, 11, 5, 8, 12, 3, torch.float64, device,
+                                                                      density=0.5, lengths=[5, 3])
+    saved = OP(x, mask, route, gate, w1, b1, w2, b2, lengths, True)
+    plain = OP(x, mask, route, gate, w1, b1, w2, b2, lengths, False)
+    for a, b in zip(saved[:6], plain[:6]):
+        assert torch.equal(a, b)
+    assert plain[6].shape == (0, 12)
+    hidden, pair_index, offsets = saved[6].cpu(), saved[3].cpu(), saved[2].cpu()
+    assert hidden.shape == (2 * 11 * 3, 12)
+    tokens = x.reshape(-1, 8).cpu()
+    for j, k in (pair_index >= 0).nonzero().tolist():
+        expected = tokens[j] @ w1[k].cpu() + b1[k].cpu()
+        torch.testing.assert_close(hidden[pair_index[j, k]], expected)
+    assert not hidden[int(offsets[-1]):].any()
+
+
+@pytest.mark.parametrize("recompute", MODES)
+def test_backward_keeps_hidden_only_when_saving(recompute):
+    """What autograd keeps between the passes: the [T, F] pre-activations when saving, nothing of that width when
+    recomputing; under no_grad the op is asked for none."""
+    x, mask, route, gate, w1, b1, w2, b2, _ = make_space_inputs(2, 16, 5, 8, 40, 3, torch.float32, density=0.5)
+    x.requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        out = space_moe(x, mask, route, gate, w1, b1, w2, b2, recompute=recompute)
+    assert ((2 * 16 * 3, 40) in kept) == (not recompute)  # [B * N_x * min(E, N_y), F]
+    out.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("recompute", MODES)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "case",
@@ -61,12 +99,12 @@ def test_matches_naive_formula(device, dtype):
         dict(B=2, N_x=4, N_y=0, E=2),
     ],
 )
-def test_edge_cases(device, case):
+def test_edge_cases(device, case, recompute):
     case = dict(case)
     inputs = make_space_inputs(
         case.pop("B"), case.pop("N_x"), case.pop("N_y"), 8, 12, case.pop("E"), torch.float64, device, **case
     )
-    check_against_reference(inputs)
+    check_against_reference(inputs, recompute=recompute)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,12 +119,14 @@ def test_edge_cases(device, case):
     density=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
     use_lengths=st.booleans(),
     seed=st.integers(0, 2**16),
+    recompute=st.booleans(),
 )
-def test_random_shapes(device, B, N_x, N_y, C, F_, E, density, use_lengths, seed):
+def test_random_shapes(device, B, N_x, N_y, C, F_, E, density, use_lengths, seed, recompute):
     # float64: shapes are the point here (F = 1 or C = 1 make gradients sums with heavy cancellation, which a
     # float32 comparison per element cannot judge); the other dtypes are covered at fixed shapes above.
     lengths = [(seed + 3 * b) % (N_y + 1) for b in range(B)] if use_lengths else None
-    check_against_reference(make_space_inputs(B, N_x, N_y, C, F_, E, torch.float64, device, seed, density, lengths))
+    check_against_reference(make_space_inputs(B, N_x, N_y, C, F_, E, torch.float64, device, seed, density, lengths),
+                            recompute=recompute)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,7 +135,7 @@ def test_each_token_visits_at_most_min_experts_text(device):
     x, mask, route, gate, w1, b1, w2, b2, lengths = make_space_inputs(
         B, N_x, N_y, 8, 8, E, torch.float32, device, density=0.7, lengths=[5, 2, 0]
     )
-    _, expert_out, offsets, pair_index, weight, z = OP(x, mask, route, gate, w1, b1, w2, b2, lengths)
+    _, expert_out, offsets, pair_index, weight, z, _ = OP(x, mask, route, gate, w1, b1, w2, b2, lengths)
     assert expert_out.shape[0] == B * N_x * min(E, N_y)  # capacity, fixed without reading the device
     visits = (pair_index >= 0).sum(1).view(B, N_x).cpu()
     for b, n_y in enumerate([5, 2, 0]):
@@ -160,12 +200,13 @@ def test_padding_routes_are_not_read(device):
     )
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("recompute", MODES)
+def test_gradcheck_float64(recompute):
     x, mask, route, gate, w1, b1, w2, b2, lengths = make_space_inputs(2, 5, 4, 3, 4, 3, lengths=[4, 2], density=0.5)
     args = [t.clone().requires_grad_() for t in (x, gate, w1, b1, w2, b2)]
 
     def fn(x, gate, w1, b1, w2, b2):
-        return space_moe(x, mask, route, gate, w1, b1, w2, b2, lengths)
+        return space_moe(x, mask, route, gate, w1, b1, w2, b2, lengths, recompute=recompute)
 
     assert torch.autograd.gradcheck(fn, args)
 
@@ -199,6 +240,8 @@ def test_opcheck(device):
     for args in (
         (x, mask, route, gate, w1, b1, w2, b2, lengths),
         (grads[0], mask, route.int(), grads[1], *grads[2:], None),
+        (grads[0], mask, route, grads[1], *grads[2:], lengths, True),
+        (grads[0], mask, route, grads[1], *grads[2:], None, False),
     ):
         torch.library.opcheck(OP, args)
 
@@ -228,7 +271,7 @@ def test_meta_tensors():
     outs = OP(torch.empty(2, 5, 8, **meta), torch.empty(2, 5, 3, dtype=torch.bool, **meta),
               torch.empty(2, 3, dtype=torch.long, **meta), torch.empty(2, 3, **meta), torch.empty(4, 8, 6, **meta),
               torch.empty(4, 6, **meta), torch.empty(4, 6, 8, **meta), torch.empty(4, 8, **meta))
-    assert [tuple(t.shape) for t in outs] == [(2, 5, 8), (30, 8), (4,), (10, 4), (10, 4), (10, 4)]
+    assert [tuple(t.shape) for t in outs] == [(2, 5, 8), (30, 8), (4,), (10, 4), (10, 4), (10, 4), (0, 6)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -180,13 +180,20 @@ class SpaceMoE(_ExpertLayer):
         gate_noise: std of the noise eps added to the gate's softmax before the argmax, training only.
         balance_loss: also return the Switch-style load-balancing loss over the valid text tokens.
         pre_norm: the experts see LayerNorm(x) (a transformer block's pre-norm FFN); out = x + mixture.
+        recompute: the backward recomputes the experts' hidden activations instead of keeping them from the
+            forward (space_moe's recompute): less memory between the passes, one more GEMM; off by default (faster).
 
     The residual x + ... is ours (SPEC gives the mixture only); it makes num_experts = 0 an identity.
     """
 
     def __init__(self, dim: int, text_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
-                 gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False):
+                 gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False,
+                 recompute: bool = False):
         super().__init__(dim, text_dim, num_experts, hidden_mult, gate_noise, gate_hidden, balance_loss, pre_norm)
+        self.recompute = recompute
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recompute={self.recompute}"
 
     def forward(self, x: Tensor, text: Tensor, mask: Tensor, text_lengths: Optional[Tensor] = None) -> MoEOutput:
         """x [B, N_x, C], text [B, N_y, d_y], mask bool [B, N_x, N_y] (M̂), text_lengths int [B] or None."""
@@ -194,7 +201,8 @@ class SpaceMoE(_ExpertLayer):
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(text), self.gate_noise, self.training)
         h = self._expert_input(x)
-        out = x + self.experts(h, space_moe, before=(mask, route, gate.to(h.dtype)), after=(text_lengths,))
+        out = x + self.experts(h, space_moe, before=(mask, route, gate.to(h.dtype)),
+                               after=(text_lengths, self.recompute))
         balance = None
         if self.balance_loss:
             positions = torch.arange(route.shape[1], device=route.device)

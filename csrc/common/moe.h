@@ -5,10 +5,14 @@
 // A backend is a struct of static functions:
 //   grouped_gemm(a, b, offsets, bias?, gelu, zero_tail) -> c [T, N]: c[rows of g] = act(a[rows of g] @ b[g]
 //       + bias[g]); rows from offsets[E-1] on are zeroed when zero_tail, else left unwritten.
-//   expert_ffn(a, w1, b1, w2, b2, offsets) -> [T, C]: GELU(a w1[g] + b1[g]) w2[g] + b2[g] per group, rows past
-//       offsets[E-1] zero (two grouped GEMMs on the GPU; on the CPU fused per block of rows, see there).
-//   expert_ffn_backward(a, grad, w1, b1, w2, offsets) -> (da, dw1, db1, dw2, db2) of expert_ffn for the output
-//       gradient grad, recomputing the first GEMM (see space_moe_backward).
+//   expert_ffn(tokens [n, C], plan, w1, b1, w2, b2, rows, save_pre) -> (out [rows, C], pre): for every pair
+//       (token j, expert k) at row p = pair_index[j, k], out[p] = GELU(pre[p]) w2[k] + b2[k] with
+//       pre[p] = tokens[j] w1[k] + b1[k]; rows past offsets[E-1] zero. pre [rows, F] is returned (rows past the
+//       pairs zero) when save_pre, else it is empty [0, F] and never written at T x F.
+//   expert_ffn_backward(tokens, grad [n, C], plan, expert_out, pre?, w1, b1, w2, rows)
+//       -> (dtokens [n, C], dweight [n, E], dw1, db1, dw2, db2): the gradients of y_j = sum_k weight[j, k] out[p]
+//       for the output gradient grad, with dweight[j, k] = grad[j] . expert_out[p] (0 where no pair). Reads
+//       the saved pre-activations when given, else recomputes the first GEMM.
 //   grouped_gemm_weight_grad(a, grad, offsets) -> (db [E, K, N], dbias [E, N]): db[g] = a[rows g]^T grad[rows g].
 //   plan(mask, route, gate, text_lengths, num_experts, capacity) -> MoePlan (below).
 //   dispatch(src [n, C], pair_index, weight?, rows) -> [rows, C]: out[pair_index[j, k]] = weight[j, k] * src[j].
@@ -17,7 +21,8 @@
 //   pair_dot(rows [n, C], values, pair_index) -> [n, E]: rows[j] . values[pair_index[j, k]] (0 where no pair).
 //   rows_used(offsets, capacity): rows that hold pairs, or capacity where reading the count would
 //       synchronise with the device.
-// dispatch and combine are adjoint: both run over image tokens, so neither needs atomics.
+// dispatch and combine are adjoint: both run over image tokens, so neither needs atomics. The CPU backend
+// gathers inside its fused expert_ffn and expert_ffn_backward instead, and has no dispatch or pair_dot.
 #pragma once
 
 #include "checks.h"
@@ -219,18 +224,40 @@ inline std::tuple<at::Tensor, at::Tensor> grouped_gemm_weight_grad_loop(const at
   return {db, dbias};
 }
 
-// expert_ffn_backward as a sequence of the backend's grouped GEMMs (the GPU's; the CPU fuses it per block).
+// expert_ffn as a sequence of the backend's kernels (the GPU's; the CPU fuses it per block of rows).
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_sequence(
-    const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-    const at::Tensor& offsets) {
-  const at::Tensor pre = Backend::grouped_gemm(a, w1, offsets, b1, false, false);
-  const at::Tensor dhidden = Backend::grouped_gemm(grad, w2.transpose(1, 2), offsets, std::nullopt, false, false);
-  auto [dw2, db2] = Backend::grouped_gemm_weight_grad(at::gelu(pre), grad, offsets);
+std::tuple<at::Tensor, at::Tensor> expert_ffn_sequence(const at::Tensor& tokens, const MoePlan& plan,
+                                                       const at::Tensor& w1, const at::Tensor& b1,
+                                                       const at::Tensor& w2, const at::Tensor& b2, int64_t rows,
+                                                       bool save_pre) {
+  const at::Tensor a = Backend::dispatch(tokens, plan.pair_index, std::nullopt, rows);
+  if (!save_pre) {
+    const at::Tensor hidden = Backend::grouped_gemm(a, w1, plan.offsets, b1, /*gelu=*/true, /*zero_tail=*/false);
+    return {Backend::grouped_gemm(hidden, w2, plan.offsets, b2, false, true), at::empty({0, w1.size(2)}, a.options())};
+  }
+  const at::Tensor pre = Backend::grouped_gemm(a, w1, plan.offsets, b1, /*gelu=*/false, /*zero_tail=*/true);
+  return {Backend::grouped_gemm(at::gelu(pre), w2, plan.offsets, b2, false, true), pre};
+}
+
+// expert_ffn_backward as a sequence of the backend's kernels (the GPU's; the CPU fuses it per block of rows).
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward_sequence(
+    const at::Tensor& tokens, const at::Tensor& grad, const MoePlan& plan, const at::Tensor& expert_out,
+    const std::optional<at::Tensor>& saved_pre, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    int64_t rows) {
+  const int64_t used = Backend::rows_used(plan.offsets, rows);
+  const at::Tensor dweight = Backend::pair_dot(grad, expert_out, plan.pair_index);
+  const at::Tensor g = Backend::dispatch(grad, plan.pair_index, plan.weight, rows).narrow(0, 0, used);
+  const at::Tensor a = Backend::dispatch(tokens, plan.pair_index, std::nullopt, rows).narrow(0, 0, used);
+  const at::Tensor pre = saved_pre.has_value() ? saved_pre->narrow(0, 0, used)
+                                               : Backend::grouped_gemm(a, w1, plan.offsets, b1, false, false);
+  const at::Tensor dhidden = Backend::grouped_gemm(g, w2.transpose(1, 2), plan.offsets, std::nullopt, false, false);
+  auto [dw2, db2] = Backend::grouped_gemm_weight_grad(at::gelu(pre), g, plan.offsets);
   const at::Tensor dpre = at::gelu_backward(dhidden, pre);
-  const at::Tensor da = Backend::grouped_gemm(dpre, w1.transpose(1, 2), offsets, std::nullopt, false, false);
-  auto [dw1, db1] = Backend::grouped_gemm_weight_grad(a, dpre, offsets);
-  return {da, dw1, db1, dw2, db2};
+  const at::Tensor da = Backend::grouped_gemm(dpre, w1.transpose(1, 2), plan.offsets, std::nullopt, false, false);
+  auto [dw1, db1] = Backend::grouped_gemm_weight_grad(a, dpre, plan.offsets);
+  const at::Tensor dtokens = Backend::combine(da, plan.pair_index, std::nullopt, std::nullopt, std::nullopt);
+  return {dtokens, dweight, dw1, db1, dw2, db2};
 }
 
 // The public grouped_gemm op: rows past offsets[E-1] are zero, so they also get a zero gradient.
@@ -280,22 +307,23 @@ inline at::Tensor expert_at_zero(const at::Tensor& b1, const at::Tensor& w2, con
   return at::baddbmm(b2.unsqueeze(1), at::gelu(b1).unsqueeze(1), w2).squeeze(1).to(acc_dtype(b1.scalar_type()));
 }
 
-// Returns (y, expert_out, offsets, pair_index, weight, z); all but y are saved for the backward.
+// Returns (y, expert_out, offsets, pair_index, weight, z, hidden); all but y are saved for the backward.
+// hidden holds the pre-activations [capacity, F] of the first GEMM when save_hidden (the backward then
+// skips recomputing it), else it is empty [0, F].
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_moe_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_moe_forward(
     const at::Tensor& x, const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-    const std::optional<at::Tensor>& text_lengths) {
+    const std::optional<at::Tensor>& text_lengths, bool save_hidden) {
   const SpaceMoeShape s = check_space_moe_args(x, mask, route, gate, w1, b1, w2, b2, text_lengths);
   const at::Tensor tokens = x.reshape({s.batch * s.image_tokens, s.channels});
   MoePlan plan = Backend::plan(mask, route, gate, text_lengths, s.experts, s.capacity);
-  const at::Tensor xg = Backend::dispatch(tokens, plan.pair_index, std::nullopt, s.capacity);
-  // Rows past the pairs are zeroed in expert_out (an output of the op: no uninitialised memory leaves it).
-  at::Tensor expert_out = Backend::expert_ffn(xg, w1, b1, w2, b2, plan.offsets);
+  // Rows past the pairs are zeroed in expert_out and hidden (outputs of the op: no uninitialised memory leaves it).
+  auto [expert_out, hidden] = Backend::expert_ffn(tokens, plan, w1, b1, w2, b2, s.capacity, save_hidden);
   const at::Tensor y =
       Backend::combine(expert_out, plan.pair_index, plan.weight, plan.z, expert_at_zero(b1, w2, b2));
   return {y.view({s.batch, s.image_tokens, s.channels}), expert_out, plan.offsets, plan.pair_index, plan.weight,
-          plan.z};
+          plan.z, hidden};
 }
 
 // d(loss)/d(gate[b, i]) = (1/n_y) sum_j (mask[j, i] ? dweight[j, r_i] : dz[j, r_i]) for valid i, else 0.
@@ -315,34 +343,34 @@ inline at::Tensor space_moe_gate_grad(const at::Tensor& dweight, const at::Tenso
   return (per_token * scale).to(gate_dtype);
 }
 
-// Gradients (dx, dgate, dw1, db1, dw2, db2). The first GEMM is recomputed rather than saved: it keeps
-// T x F activations out of memory between the passes (the paper trains with gradient checkpointing
-// anyway), and the second GEMM's output, which the gate gradient needs, is the one saved (T x C).
+// Gradients (dx, dgate, dw1, db1, dw2, db2). With hidden (the forward's saved pre-activations) the backward
+// reads them; without, it recomputes the first GEMM, which keeps T x F activations out of memory between
+// the passes (like activation checkpointing). The second GEMM's output, which the gate gradient needs, is
+// always saved (T x C).
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> space_moe_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& route,
     const at::Tensor& gate, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
     const std::optional<at::Tensor>& text_lengths, const at::Tensor& expert_out, const at::Tensor& offsets,
-    const at::Tensor& pair_index, const at::Tensor& weight, const at::Tensor& z) {
+    const at::Tensor& pair_index, const at::Tensor& weight, const at::Tensor& z,
+    const std::optional<at::Tensor>& hidden) {
+  constexpr std::string_view op = "space_moe_backward";
   const SpaceMoeShape s = check_space_moe_args(x, mask, route, gate, w1, b1, w2, b2, text_lengths);
-  check_same_shape("space_moe_backward", x, "x", grad_y, "grad_y");
+  check_same_shape(op, x, "x", grad_y, "grad_y");
+  if (hidden.has_value()) check_param(op, x, *hidden, "hidden", {s.capacity, s.hidden}, "[B * N_x * min(E, N_y), F]");
   const int64_t n = s.batch * s.image_tokens;
   const at::Tensor dy = grad_y.reshape({n, s.channels}).to(x.scalar_type());
   const at::Tensor tokens = x.reshape({n, s.channels});
   const at::Tensor c = expert_at_zero(b1, w2, b2);
 
-  // Gate: y_j depends on g_i through w_jk (pairs: dy_j . e_k(x_j)) and z_jk (dy_j . c_k).
+  // Experts, and through dweight the gate: y_j depends on g_i through w_jk (pairs: dy_j . e_k(x_j)) and
+  // z_jk (dy_j . c_k).
+  const MoePlan plan{offsets, pair_index, weight, z};
+  auto [dx, dweight, dw1, db1, dw2, db2] =
+      Backend::expert_ffn_backward(tokens, dy, plan, expert_out, hidden, w1, b1, w2, s.capacity);
   const at::Tensor dy_acc = dy.to(c.scalar_type());
-  const at::Tensor dweight = Backend::pair_dot(dy, expert_out, pair_index);
   const at::Tensor dz = at::mm(dy_acc, c.t());
   const at::Tensor dgate = space_moe_gate_grad(dweight, dz, mask, route, text_lengths, s, gate.scalar_type());
-
-  // Experts, on the rows that hold pairs.
-  const int64_t rows = Backend::rows_used(offsets, s.capacity);
-  const at::Tensor dyw = Backend::dispatch(dy, pair_index, weight, s.capacity).narrow(0, 0, rows);
-  const at::Tensor xg = Backend::dispatch(tokens, pair_index, std::nullopt, s.capacity).narrow(0, 0, rows);
-  auto [dxg, dw1, db1, dw2, db2] = Backend::expert_ffn_backward(xg, dyw, w1, b1, w2, offsets);
-  const at::Tensor dx = Backend::combine(dxg, pair_index, std::nullopt, std::nullopt, std::nullopt);
 
   // The constant term sum_k z_jk c_k: dc_k = sum_j z_jk dy_j.
   const at::Tensor dc = at::mm(z.t(), dy_acc).to(x.scalar_type());

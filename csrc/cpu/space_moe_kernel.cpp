@@ -1,22 +1,168 @@
 // CPU kernels of space_moe (SPEC §2.4): the routing plan (counting sort of (token, expert) pairs into
-// a CSR by expert), dispatch (gather of token rows into the grouped operand), combine (weighted
-// reduction of the expert rows per token, plus sum_k z_jk c_k) and pair_dot (gate gradient). All run
-// over image tokens in parallel; each token owns its output rows, so results do not depend on the
+// a CSR by expert), the expert FFN and its backward fused per block of grouped rows, and combine
+// (weighted reduction of the expert rows per token, plus sum_k z_jk c_k). Every output row or sum is
+// owned by one token or one block and reduced in a fixed order, so results do not depend on the
 // number of threads. The op itself is written once in csrc/common/moe.h.
 #include "moe_cpu.h"
+#include "vec_math_avx2.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace raphael_ext::cpu {
 namespace {
 
 constexpr int64_t kTokenGrain = 32;  // image tokens per parallel task
+constexpr int64_t kFfnRows = 128;    // grouped rows per block of the fused FFN: a [128, F] block stays in L2
+
+// A block of at most kFfnRows grouped rows of one expert.
+struct RowBlock {
+  int64_t expert, first, rows;
+};
+
+std::vector<RowBlock> row_blocks(const std::vector<int64_t>& ends) {
+  std::vector<RowBlock> blocks;
+  int64_t start = 0;
+  for (size_t k = 0; k < ends.size(); ++k) {
+    for (int64_t r = start; r < ends[k]; r += kFfnRows) {
+      blocks.push_back({static_cast<int64_t>(k), r, std::min(kFfnRows, ends[k] - r)});
+    }
+    start = ends[k];
+  }
+  return blocks;
+}
+
+// The image token of every grouped row (pair_index inverted), so blocks gather their rows themselves.
+std::vector<int32_t> row_tokens(const at::Tensor& pair_index, int64_t rows) {
+  const int64_t n = pair_index.size(0), E = pair_index.size(1);
+  const int32_t* idx = pair_index.const_data_ptr<int32_t>();
+  std::vector<int32_t> token(rows);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t k = 0; k < E; ++k) {
+      if (idx[j * E + k] >= 0) token[idx[j * E + k]] = static_cast<int32_t>(j);
+    }
+  }
+  return token;
+}
+
+// at::empty for the large row buffers, backed by transparent huge pages where the kernel offers them
+// (madvise mode): buffers over glibc's mmap threshold (32 MiB) are mapped fresh on every call, and their
+// first touch otherwise costs one page fault per 4 KiB (about 17 ms per 37 MB on a 2-core VM).
+at::Tensor empty_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors are fine
+#endif
+  return t;
+}
+
+#if RAPHAEL_HAVE_AVX2_PATH
+// Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi(x) = exp(-x^2 / 2) / sqrt(2 pi) together, with erf as
+// PyTorch's vectorised GELU computes it (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7): one exp for both.
+RAPHAEL_AVX2 inline void normal_cdf_pdf(__m256 x, __m256* cdf, __m256* pdf) {
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 sign = _mm256_and_ps(z, _mm256_set1_ps(-0.0f));
+  const __m256 az = _mm256_xor_ps(z, sign);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
+  __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+  poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+  poly = _mm256_mul_ps(poly, t);
+  const __m256 e = avx2::exp(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
+  const __m256 erf = _mm256_or_ps(_mm256_fnmadd_ps(poly, e, one), sign);
+  *cdf = _mm256_fmadd_ps(_mm256_set1_ps(0.5f), erf, _mm256_set1_ps(0.5f));
+  *pdf = _mm256_mul_ps(e, _mm256_set1_ps(0.39894228040143268f));
+}
+
+// Forward epilogue of the first GEMM on a [rows, F] block (F a multiple of 8): pre += bias (stored back when
+// store_pre: the saved pre-activations), hidden = GELU(pre). Replaces addmm's bias copy and a GELU pass.
+RAPHAEL_AVX2 void bias_gelu_avx2(float* pre, const float* bias, float* hidden, int64_t rows, int64_t F,
+                                 bool store_pre) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = pre + r * F;
+    float* h = hidden + r * F;
+    for (int64_t f = 0; f < F; f += 8) {
+      const __m256 x = _mm256_add_ps(_mm256_loadu_ps(p + f), _mm256_loadu_ps(bias + f));
+      __m256 cdf, pdf;
+      normal_cdf_pdf(x, &cdf, &pdf);
+      if (store_pre) _mm256_storeu_ps(p + f, x);
+      _mm256_storeu_ps(h + f, _mm256_mul_ps(x, cdf));
+    }
+  }
+}
+
+// Backward epilogue on a [rows, F] block: x = pre (+ bias when the GEMM was recomputed without it),
+// hidden = GELU(x) for the weight gradient, dpre *= GELU'(x) = Phi(x) + x phi(x), and the bias gradient
+// sum over rows of dpre into colsum (F floats, zeroed by the caller): one pass where ATen takes three.
+RAPHAEL_AVX2 void gelu_backward_avx2(const float* pre, const float* bias, float* hidden, float* dpre, float* colsum,
+                                     int64_t rows, int64_t F) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = pre + r * F;
+    float* h = hidden + r * F;
+    float* d = dpre + r * F;
+    for (int64_t f = 0; f < F; f += 8) {
+      __m256 x = _mm256_loadu_ps(p + f);
+      if (bias != nullptr) x = _mm256_add_ps(x, _mm256_loadu_ps(bias + f));
+      __m256 cdf, pdf;
+      normal_cdf_pdf(x, &cdf, &pdf);
+      _mm256_storeu_ps(h + f, _mm256_mul_ps(x, cdf));
+      const __m256 dp = _mm256_mul_ps(_mm256_loadu_ps(d + f), _mm256_fmadd_ps(x, pdf, cdf));
+      _mm256_storeu_ps(d + f, dp);
+      _mm256_storeu_ps(colsum + f, _mm256_add_ps(_mm256_loadu_ps(colsum + f), dp));
+    }
+  }
+}
+
+// One grouped row of the backward's gather (C a multiple of 8): g = s * dy, db2 += s * dy; returns
+// dy . out, the gate's dweight of the pair.
+RAPHAEL_AVX2 float gather_grad_row_avx2(const float* dy, const float* out, float s, float* g, float* db2, int64_t C) {
+  const __m256 scale = _mm256_set1_ps(s);
+  __m256 dot = _mm256_setzero_ps();
+  for (int64_t c = 0; c < C; c += 8) {
+    const __m256 d = _mm256_loadu_ps(dy + c);
+    const __m256 sd = _mm256_mul_ps(scale, d);
+    _mm256_storeu_ps(g + c, sd);
+    _mm256_storeu_ps(db2 + c, _mm256_add_ps(_mm256_loadu_ps(db2 + c), sd));
+    dot = _mm256_fmadd_ps(d, _mm256_loadu_ps(out + c), dot);
+  }
+  return static_cast<float>(avx2::reduce_add(dot));
+}
+#endif
+
+// Whether the fused AVX2 epilogues apply: float32 rows of a multiple of 8 on a CPU with AVX2 and FMA.
+bool fused_gelu(const at::Tensor& x, int64_t F) {
+#if RAPHAEL_HAVE_AVX2_PATH
+  return x.scalar_type() == at::kFloat && F % 8 == 0 && avx2::cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+// dst[i] = src[token[i]] for the block's rows (any dtype: rows are copied as bytes).
+void gather_rows(const at::Tensor& src, const int32_t* token, at::Tensor& dst) {
+  const int64_t bytes = src.size(1) * src.element_size();
+  const char* from = static_cast<const char*>(src.const_data_ptr());
+  char* to = static_cast<char*>(dst.mutable_data_ptr());
+  for (int64_t i = 0; i < dst.size(0); ++i) std::memcpy(to + i * bytes, from + token[i] * bytes, bytes);
+}
 
 // Per image token j: w_jk, z_jk and whether pair (j, k) exists (pair_index = 1 for now).
 template <typename acc_t>
@@ -100,38 +246,6 @@ MoePlan MoeBackend::plan(const at::Tensor& mask, const at::Tensor& route, const 
   return plan;
 }
 
-at::Tensor MoeBackend::dispatch(const at::Tensor& src, const at::Tensor& pair_index,
-                                const std::optional<at::Tensor>& weight, int64_t rows) {
-  const int64_t n = src.size(0), C = src.size(1), E = pair_index.size(1);
-  const at::Tensor x = src.contiguous(), pi = pair_index.contiguous();
-  const std::optional<at::Tensor> wc = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
-  at::Tensor out = at::empty({rows, C}, src.options());
-  const int32_t* idx = pi.const_data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "space_moe_dispatch_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const acc_t* w = wc.has_value() ? wc->const_data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, n, kTokenGrain, [&](int64_t first, int64_t last) {
-      for (int64_t j = first; j < last; ++j) {
-        const scalar_t* row = xp + j * C;
-        for (int64_t k = 0; k < E; ++k) {
-          const int32_t p = idx[j * E + k];
-          if (p < 0) continue;
-          scalar_t* dst = op + p * C;
-          if (w == nullptr) {
-            std::memcpy(dst, row, C * sizeof(scalar_t));
-          } else {
-            const acc_t s = w[j * E + k];
-            for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(s * static_cast<acc_t>(row[c]));
-          }
-        }
-      }
-    });
-  });
-  return out;
-}
-
 at::Tensor MoeBackend::combine(const at::Tensor& values, const at::Tensor& pair_index,
                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& z,
                                const std::optional<at::Tensor>& c) {
@@ -176,31 +290,174 @@ at::Tensor MoeBackend::combine(const at::Tensor& values, const at::Tensor& pair_
   return out;
 }
 
-at::Tensor MoeBackend::pair_dot(const at::Tensor& rows, const at::Tensor& values, const at::Tensor& pair_index) {
-  const int64_t n = pair_index.size(0), E = pair_index.size(1), C = values.size(1);
-  const at::Tensor r = rows.contiguous(), v = values.contiguous(), pi = pair_index.contiguous();
-  at::Tensor out = at::zeros({n, E}, values.options().dtype(acc_dtype(values.scalar_type())));
-  const int32_t* idx = pi.const_data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "space_moe_pair_dot_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* rp = r.const_data_ptr<scalar_t>();
-    const scalar_t* vp = v.const_data_ptr<scalar_t>();
-    acc_t* op = out.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, n, kTokenGrain, [&](int64_t first, int64_t last) {
-      for (int64_t j = first; j < last; ++j) {
-        for (int64_t k = 0; k < E; ++k) {
-          const int32_t p = idx[j * E + k];
-          if (p < 0) continue;
-          acc_t sum = 0;
-          for (int64_t ch = 0; ch < C; ++ch) {
-            sum += static_cast<acc_t>(rp[j * C + ch]) * static_cast<acc_t>(vp[p * C + ch]);
-          }
-          op[j * E + k] = sum;
-        }
+// Both GEMMs of each expert on blocks of kFfnRows rows, one block per task (BLAS runs single-threaded
+// inside the parallel region): each block gathers its token rows itself, and its hidden activations
+// stay in cache; they are written out at T x F only when saved for the backward.
+std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& tokens, const MoePlan& plan,
+                                                          const at::Tensor& w1, const at::Tensor& b1,
+                                                          const at::Tensor& w2, const at::Tensor& b2, int64_t rows,
+                                                          bool save_pre) {
+  const int64_t C = tokens.size(1), F = w1.size(2);
+  const std::vector<int64_t> ends = host_offsets("space_moe", plan.offsets, rows);
+  const int64_t used = ends.empty() ? 0 : ends.back();
+  const std::vector<RowBlock> blocks = row_blocks(ends);
+  const std::vector<int32_t> token = row_tokens(plan.pair_index.contiguous(), used);
+  const at::Tensor x = tokens.contiguous();
+  at::Tensor out = empty_rows({rows, C}, x.options());
+  at::Tensor pre = empty_rows({save_pre ? rows : 0, F}, x.options());
+  const bool fused = fused_gelu(x, F);
+  const at::Tensor bias1 = b1.contiguous();
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
+    const at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
+    at::Tensor a_block = at::empty({kFfnRows, C}, x.options());
+    at::Tensor pre_block = save_pre ? at::Tensor() : at::empty({kFfnRows, F}, x.options());
+    at::Tensor hidden_block = at::empty({kFfnRows, F}, x.options());
+    for (int64_t i = first; i < last; ++i) {
+      const RowBlock& blk = blocks[i];
+      at::Tensor a = a_block.narrow(0, 0, blk.rows);
+      gather_rows(x, token.data() + blk.first, a);
+      at::Tensor p = save_pre ? pre.narrow(0, blk.first, blk.rows) : pre_block.narrow(0, 0, blk.rows);
+      at::Tensor h = hidden_block.narrow(0, 0, blk.rows);
+      if (fused) {
+#if RAPHAEL_HAVE_AVX2_PATH
+        at::mm_out(p, a, w1[blk.expert]);
+        bias_gelu_avx2(p.data_ptr<float>(), bias1.const_data_ptr<float>() + blk.expert * F, h.data_ptr<float>(),
+                       blk.rows, F, save_pre);
+#endif
+      } else {
+        at::addmm_out(p, b1[blk.expert], a, w1[blk.expert]);
+        at::gelu_out(h, p);
       }
-    });
+      at::Tensor y = out.narrow(0, blk.first, blk.rows);
+      at::addmm_out(y, b2[blk.expert], h, w2[blk.expert]);
+    }
   });
-  return out;
+  if (used < rows) {
+    out.narrow(0, used, rows - used).zero_();
+    if (save_pre) pre.narrow(0, used, rows - used).zero_();
+  }
+  return {out, pre};
+}
+
+// The backward of expert_ffn, one expert after the other, fused per block of rows like the forward: each
+// block gathers its token rows and weighted output gradients, computes the gate's dweight from the saved
+// expert output, gets its pre-activations (saved, or recomputed in cache), applies GELU and its gradient,
+// sums its bias gradients and computes its input gradient. h and d(pre) are written out for one expert
+// at a time only, for its weight gradients (one GEMM each), so the backward never holds them at T x F.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> MoeBackend::expert_ffn_backward(
+    const at::Tensor& tokens, const at::Tensor& grad, const MoePlan& plan, const at::Tensor& expert_out,
+    const std::optional<at::Tensor>& saved_pre, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    int64_t rows) {
+  const int64_t n = tokens.size(0), C = tokens.size(1), F = w1.size(2), E = w1.size(0);
+  const std::vector<int64_t> ends = host_offsets("space_moe", plan.offsets, rows);
+  const int64_t used = ends.empty() ? 0 : ends.back();
+  const std::vector<RowBlock> blocks = row_blocks(ends);
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  const at::Tensor pair_index = plan.pair_index.contiguous();
+  const std::vector<int32_t> token = row_tokens(pair_index, used);
+  const at::Tensor x = tokens.contiguous(), dy = grad.contiguous(), out = expert_out.contiguous();
+  const at::Tensor weight = plan.weight.contiguous();
+  const auto options = x.options();
+  const auto acc = acc_dtype(x.scalar_type());
+  int64_t most_rows = 0;
+  for (int64_t k = 0; k < E; ++k) most_rows = std::max(most_rows, ends[k] - (k == 0 ? 0 : ends[k - 1]));
+  at::Tensor a = empty_rows({used, C}, options);  // gathered tokens
+  at::Tensor g = empty_rows({used, C}, options);  // gathered, weighted output gradients
+  at::Tensor da = empty_rows({used, C}, options);
+  at::Tensor hidden = empty_rows({most_rows, F}, options);  // GELU(pre) of one expert
+  at::Tensor dpre = empty_rows({most_rows, F}, options);
+  at::Tensor dweight = at::zeros({n, E}, weight.options());
+  at::Tensor dw1 = at::empty({E, C, F}, options), dw2 = at::empty({E, F, C}, options);
+  at::Tensor db1 = at::zeros({E, F}, options.dtype(acc)), db2 = at::zeros({E, C}, options.dtype(acc));
+  // Per-block bias gradients in the accumulation dtype, summed per expert in block order.
+  at::Tensor db1_blocks = at::zeros({num_blocks, F}, options.dtype(acc));
+  at::Tensor db2_blocks = at::zeros({num_blocks, C}, options.dtype(acc));
+  const bool fused = fused_gelu(x, F);
+  const at::Tensor bias1 = b1.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "space_moe_ffn_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* outp = out.const_data_ptr<scalar_t>();
+    const acc_t* wp = weight.const_data_ptr<acc_t>();
+    acc_t* dwp = dweight.mutable_data_ptr<acc_t>();
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    int64_t first_block = 0;
+    for (int64_t k = 0; k < E; ++k) {
+      const int64_t start = k == 0 ? 0 : ends[k - 1], len = ends[k] - start;
+      int64_t last_block = first_block;
+      while (last_block < num_blocks && blocks[last_block].expert == k) ++last_block;
+      if (len == 0) {
+        dw1[k].zero_();
+        dw2[k].zero_();
+        continue;
+      }
+      at::parallel_for(first_block, last_block, 1, [&](int64_t first, int64_t last) {
+        const at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
+        at::Tensor pre_block = saved_pre.has_value() ? at::Tensor() : at::empty({kFfnRows, F}, options);
+        for (int64_t i = first; i < last; ++i) {
+          const RowBlock& blk = blocks[i];
+          at::Tensor a_rows = a.narrow(0, blk.first, blk.rows);
+          gather_rows(x, token.data() + blk.first, a_rows);
+          acc_t* db2_i = db2_blocks.mutable_data_ptr<acc_t>() + i * C;
+          for (int64_t r = blk.first; r < blk.first + blk.rows; ++r) {
+            const int64_t j = token[r];
+            const scalar_t* dyj = dyp + j * C;
+            const scalar_t* outr = outp + r * C;
+            scalar_t* gr = gp + r * C;
+            const acc_t s = wp[j * E + k];
+#if RAPHAEL_HAVE_AVX2_PATH
+            if (std::is_same_v<scalar_t, float> && fused && C % 8 == 0) {  // casts are no-ops when taken
+              dwp[j * E + k] = gather_grad_row_avx2(reinterpret_cast<const float*>(dyj),
+                                                    reinterpret_cast<const float*>(outr), static_cast<float>(s),
+                                                    reinterpret_cast<float*>(gr), reinterpret_cast<float*>(db2_i), C);
+              continue;
+            }
+#endif
+            acc_t dot = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t d = static_cast<acc_t>(dyj[c]);
+              gr[c] = static_cast<scalar_t>(s * d);
+              db2_i[c] += s * d;
+              dot += d * static_cast<acc_t>(outr[c]);
+            }
+            dwp[j * E + k] = dot;
+          }
+          at::Tensor g_rows = g.narrow(0, blk.first, blk.rows);
+          at::Tensor dp = dpre.narrow(0, blk.first - start, blk.rows);
+          at::mm_out(dp, g_rows, w2[k].t());
+          at::Tensor h = hidden.narrow(0, blk.first - start, blk.rows);
+          at::Tensor p = saved_pre.has_value() ? saved_pre->narrow(0, blk.first, blk.rows)
+                                               : pre_block.narrow(0, 0, blk.rows);
+          if (fused) {
+#if RAPHAEL_HAVE_AVX2_PATH
+            // Recomputed without the bias: the epilogue adds it on the fly.
+            if (!saved_pre.has_value()) at::mm_out(p, a_rows, w1[k]);
+            gelu_backward_avx2(p.const_data_ptr<float>(),
+                               saved_pre.has_value() ? nullptr : bias1.const_data_ptr<float>() + k * F,
+                               h.data_ptr<float>(), dp.data_ptr<float>(), db1_blocks.data_ptr<float>() + i * F,
+                               blk.rows, F);
+#endif
+          } else {
+            if (!saved_pre.has_value()) at::addmm_out(p, b1[k], a_rows, w1[k]);
+            at::gelu_out(h, p);
+            at::gelu_backward_out(dp, dp, p);
+            at::Tensor db1_i = db1_blocks[i];
+            at::sum_out(db1_i, dp, 0, false, acc);
+          }
+          at::Tensor da_rows = da.narrow(0, blk.first, blk.rows);
+          at::mm_out(da_rows, dp, w1[k].t());
+        }
+      });
+      at::Tensor dw1_k = dw1[k], dw2_k = dw2[k], db1_k = db1[k], db2_k = db2[k];
+      at::mm_out(dw2_k, hidden.narrow(0, 0, len).t(), g.narrow(0, start, len));
+      at::mm_out(dw1_k, a.narrow(0, start, len).t(), dpre.narrow(0, 0, len));
+      at::sum_out(db1_k, db1_blocks.narrow(0, first_block, last_block - first_block), 0);
+      at::sum_out(db2_k, db2_blocks.narrow(0, first_block, last_block - first_block), 0);
+      first_block = last_block;
+    }
+  });
+  const at::Tensor dx = combine(da, pair_index, std::nullopt, std::nullopt, std::nullopt);
+  return {dx, dweight, dw1, db1.to(x.scalar_type()), dw2, db2.to(x.scalar_type())};
 }
 
 int64_t MoeBackend::rows_used(const at::Tensor& offsets, int64_t /*capacity*/) {

@@ -130,16 +130,18 @@ at::Tensor MoeBackend::grouped_gemm(const at::Tensor& a, const at::Tensor& b, co
   return out;
 }
 
-at::Tensor MoeBackend::expert_ffn(const at::Tensor& a, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                                  const at::Tensor& b2, const at::Tensor& offsets) {
-  const at::Tensor hidden = grouped_gemm(a, w1, offsets, b1, /*gelu=*/true, /*zero_tail=*/false);
-  return grouped_gemm(hidden, w2, offsets, b2, /*gelu=*/false, /*zero_tail=*/true);
+std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& tokens, const MoePlan& plan,
+                                                          const at::Tensor& w1, const at::Tensor& b1,
+                                                          const at::Tensor& w2, const at::Tensor& b2, int64_t rows,
+                                                          bool save_pre) {
+  return expert_ffn_sequence<MoeBackend>(tokens, plan, w1, b1, w2, b2, rows, save_pre);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> MoeBackend::expert_ffn_backward(
-    const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-    const at::Tensor& offsets) {
-  return expert_ffn_backward_sequence<MoeBackend>(a, grad, w1, b1, w2, offsets);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> MoeBackend::expert_ffn_backward(
+    const at::Tensor& tokens, const at::Tensor& grad, const MoePlan& plan, const at::Tensor& expert_out,
+    const std::optional<at::Tensor>& pre, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    int64_t rows) {
+  return expert_ffn_backward_sequence<MoeBackend>(tokens, grad, plan, expert_out, pre, w1, b1, w2, rows);
 }
 
 std::tuple<at::Tensor, at::Tensor> MoeBackend::grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& grad,

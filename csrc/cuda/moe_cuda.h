@@ -13,11 +13,14 @@ namespace raphael_ext::cuda {
 struct MoeBackend {
   static at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
                                  const std::optional<at::Tensor>& bias, bool gelu, bool zero_tail);
-  static at::Tensor expert_ffn(const at::Tensor& a, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                               const at::Tensor& b2, const at::Tensor& offsets);
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
-      const at::Tensor& a, const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-      const at::Tensor& offsets);
+  static std::tuple<at::Tensor, at::Tensor> expert_ffn(const at::Tensor& tokens, const MoePlan& plan,
+                                                        const at::Tensor& w1, const at::Tensor& b1,
+                                                        const at::Tensor& w2, const at::Tensor& b2, int64_t rows,
+                                                        bool save_pre);
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ffn_backward(
+      const at::Tensor& tokens, const at::Tensor& grad, const MoePlan& plan, const at::Tensor& expert_out,
+      const std::optional<at::Tensor>& pre, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+      int64_t rows);
   static std::tuple<at::Tensor, at::Tensor> grouped_gemm_weight_grad(const at::Tensor& a, const at::Tensor& grad,
                                                                      const at::Tensor& offsets);
   static MoePlan plan(const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,

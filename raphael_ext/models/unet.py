@@ -115,7 +115,8 @@ class RaphaelBlock(nn.Module):
     """SPEC §2: self-attention → cross-attention (map + mask) → time-MoE → space-MoE, each pre-norm and residual."""
 
     def __init__(self, dim: int, head_dim: int, text_dim: int, time_dim: int, alpha: float, dropout: float,
-                 space_experts: int, time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool):
+                 space_experts: int, time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool,
+                 space_moe_recompute: bool = False):
         super().__init__()
         heads = dim // head_dim
         self.norm1 = nn.LayerNorm(dim)
@@ -124,7 +125,7 @@ class RaphaelBlock(nn.Module):
         self.cross = MaskedCrossAttention(dim, text_dim, heads, alpha=alpha, dropout=dropout)
         moe = dict(hidden_mult=expert_hidden_mult, gate_noise=gate_noise, balance_loss=balance_loss, pre_norm=True)
         self.time_moe = TimeMoE(dim, time_dim, time_experts, **moe)
-        self.space_moe = SpaceMoE(dim, text_dim, space_experts, **moe)
+        self.space_moe = SpaceMoE(dim, text_dim, space_experts, recompute=space_moe_recompute, **moe)
 
     def forward(self, h: Tensor, text: Tensor, text_lengths: Tensor, temb: Tensor) -> Tuple[Tensor, BlockAux]:
         h = h + self.self_attn(self.norm1(h))
@@ -331,7 +332,9 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
     positional_embedding adds a fixed 2D sin-cos position to the transformer tokens (DiT's; ours, off in the presets);
     prediction_type is diffusers' ("epsilon" in the paper, "v_prediction", "sample"); patch_size p folds p x p pixels
     into channels before conv_in and unfolds the prediction after conv_out (DiT's patches; ours, 1 in the presets), so
-    every level runs at 1/p of the sample's height and width, p**2 times fewer positions for the same widths.
+    every level runs at 1/p of the sample's height and width, p**2 times fewer positions for the same widths;
+    space_moe_recompute makes every space-MoE recompute its experts' hidden activations in the backward instead of
+    keeping them (less memory, slower; nn.SpaceMoE's recompute).
     """
 
     _supports_gradient_checkpointing = True
@@ -370,6 +373,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         gradient_checkpointing: bool = False,
         latent: bool = False,
         patch_size: int = 1,
+        space_moe_recompute: bool = False,
     ):
         super().__init__()
         # diffusers' enable_gradient_checkpointing sets this flag on every module that has one, this one included;
@@ -390,7 +394,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
             raise ValueError(f"RaphaelUNet: patch_size must be at least 1, got {patch_size}")
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout,
                                         space_experts if use_space_moe else 0, time_experts if use_time_moe else 0,
-                                        expert_hidden_mult, gate_noise, balance_loss)
+                                        expert_hidden_mult, gate_noise, balance_loss, space_moe_recompute)
         ch = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups, dropout,
                                  block_args, pooled_text, positional_embedding, patch_size)
         skips = down_stage_widths(channels, layers_per_level)
@@ -496,11 +500,12 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
 
 
 def raphael_block_args(c0: int, head_dim: int, text_dim: int, alpha: float, dropout: float, space_experts: int,
-                       time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool) -> dict:
+                       time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool,
+                       space_moe_recompute: bool = False) -> dict:
     """RaphaelBlock's arguments besides its width (the time embedding is 4 x the first level's width)."""
     return dict(head_dim=head_dim, text_dim=text_dim, time_dim=4 * c0, alpha=alpha, dropout=dropout,
                 space_experts=space_experts, time_experts=time_experts, expert_hidden_mult=expert_hidden_mult,
-                gate_noise=gate_noise, balance_loss=balance_loss)
+                gate_noise=gate_noise, balance_loss=balance_loss, space_moe_recompute=space_moe_recompute)
 
 
 def preset_config(name: str, **overrides) -> dict:

@@ -20,6 +20,7 @@ def space_moe(
     w2: Tensor,
     b2: Tensor,
     text_lengths: Optional[Tensor] = None,
+    recompute: bool = False,
 ) -> Tensor:
     """y_j = (1/n_y) sum_{i < n_y} gate_i * e_{route_i}(x_j * mask_ji), e_k(h) = GELU(h w1[k] + b1[k]) w2[k] + b2[k].
 
@@ -30,12 +31,18 @@ def space_moe(
         gate: [B, N_y] gate weights (RAPHAEL passes the straight-through p / p.detach(), value 1).
         w1 [E, C, F], b1 [E, F], w2 [E, F, C], b2 [E, C]: the expert FFNs.
         text_lengths: optional int [B], valid text tokens n_y per sample (default N_y); the rest is padding.
+        recompute: what the backward does for the first GEMM's activations (T x F, T the routed rows): False
+            (default, faster) keeps them from the forward; True recomputes them in the backward, one GEMM more
+            for T x F less memory between the passes, like activation checkpointing. Same results either way.
 
     Computed exactly as y_j = sum_k w_jk e_k(x_j) + sum_k z_jk e_k(0) (SPEC §2.4), so expert k runs only on
     the image tokens some token routed to k covers: at most min(E, n_y) experts per image token. A sample
     with n_y = 0 gives 0. Gradients flow to x, gate, w1, b1, w2, b2.
     """
-    return torch.ops.raphael_ext.space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths)[0]
+    save_hidden = not recompute and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate, w1, b1, w2, b2)
+    )
+    return torch.ops.raphael_ext.space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths, save_hidden)[0]
 
 
 def space_moe_plan(
@@ -63,7 +70,7 @@ def _space_moe_plan_fake(mask, route, gate, text_lengths, num_experts):
 
 
 @torch.library.register_fake(_OP)
-def _space_moe_fake(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None):
+def _space_moe_fake(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None, save_hidden=False):
     torch._check(x.dim() == 3 and mask.dim() == 3 and w1.dim() == 3, lambda: "space_moe: x, mask and w1 must be 3-D")
     batch, tokens, channels = x.shape
     experts = w1.shape[0]
@@ -78,6 +85,7 @@ def _space_moe_fake(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None):
         x.new_empty(pairs, dtype=torch.int32),
         x.new_empty(pairs, dtype=acc),
         x.new_empty(pairs, dtype=acc),
+        x.new_empty((capacity if save_hidden else 0, w1.shape[2])),
     )
 
 
@@ -87,22 +95,24 @@ def _space_moe_backward_fake(grad_y, x, mask, route, gate, w1, b1, w2, b2, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    _, expert_out, offsets, pair_index, weight, z = output
-    ctx.save_for_backward(*inputs, expert_out, offsets, pair_index, weight, z)
-    ctx.mark_non_differentiable(expert_out, offsets, pair_index, weight, z)
+    *tensors, save_hidden = inputs
+    _, expert_out, offsets, pair_index, weight, z, hidden = output
+    ctx.save_hidden = save_hidden
+    ctx.save_for_backward(*tensors, expert_out, offsets, pair_index, weight, z, hidden)
+    ctx.mark_non_differentiable(expert_out, offsets, pair_index, weight, z, hidden)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, *_):
     if grad_y is None:
-        return (None,) * 9
+        return (None,) * 10
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError("space_moe does not support double backward (create_graph=True)")
-    x, mask, route, gate, w1, b1, w2, b2, text_lengths, *saved = ctx.saved_tensors
+    x, mask, route, gate, w1, b1, w2, b2, text_lengths, *saved, hidden = ctx.saved_tensors
     dx, dgate, dw1, db1, dw2, db2 = torch.ops.raphael_ext.space_moe_backward(
-        grad_y, x, mask, route, gate, w1, b1, w2, b2, text_lengths, *saved
+        grad_y, x, mask, route, gate, w1, b1, w2, b2, text_lengths, *saved, hidden if ctx.save_hidden else None
     )
-    return dx, None, None, dgate, dw1, db1, dw2, db2, None
+    return dx, None, None, dgate, dw1, db1, dw2, db2, None, None
 
 
 torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)

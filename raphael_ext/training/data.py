@@ -192,12 +192,15 @@ class FolderDataset(Dataset):
     The folder is scanned once when the dataset is made: every image is decoded and its caption read, and the pairs
     that cannot be used are set aside with the reason (`skipped`: unreadable or truncated image, missing or empty
     caption, shorter side below `min_size`, default half the training size). A file that fails later (changed on
-    disk) raises from __getitem__; the trainer then takes the next item and counts the failure in its log."""
+    disk) raises from __getitem__; the trainer then takes the next item and counts the failure in its log.
+
+    `scan` takes the result of another dataset's `scan()` on the same folder instead of scanning again: one rank
+    decodes the folder and shares that small list with the others (torch.distributed.broadcast_object_list)."""
 
     EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
     def __init__(self, folder: Union[str, Path], size: Union[int, Tuple[int, int]] = 256,
-                 min_size: Optional[int] = None):
+                 min_size: Optional[int] = None, scan: Optional[dict] = None):
         self.folder = Path(folder)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         min_size = min(self.size) // 2 if min_size is None else min_size
@@ -206,6 +209,17 @@ class FolderDataset(Dataset):
         self.files: List[Path] = []
         self.captions: List[str] = []
         self.skipped: List[Tuple[str, str]] = []  # (file name, reason)
+        if scan is not None:
+            self.files = [self.folder / name for name in scan["files"]]
+            self.captions = list(scan["captions"])
+            self.skipped = [tuple(entry) for entry in scan["skipped"]]
+        else:
+            self._scan(min_size)
+        if not self.files:
+            raise ValueError(f"FolderDataset: no usable image with a same-name .txt caption in {self.folder} "
+                             f"({len(self.skipped)} skipped: {self.skipped[:3]})")
+
+    def _scan(self, min_size: int) -> None:
         for path in sorted(p for p in self.folder.iterdir() if p.suffix.lower() in self.EXTENSIONS):
             caption_file = path.with_suffix(".txt")
             caption = caption_file.read_text(errors="replace").strip() if caption_file.is_file() else None
@@ -216,9 +230,12 @@ class FolderDataset(Dataset):
                 self.captions.append(caption)
             else:
                 self.skipped.append((path.name, reason))
-        if not self.files:
-            raise ValueError(f"FolderDataset: no usable image with a same-name .txt caption in {self.folder} "
-                             f"({len(self.skipped)} skipped: {self.skipped[:3]})")
+
+    def scan(self) -> dict:
+        """What the scan found, as plain lists (file names relative to the folder): the `scan` argument of another
+        FolderDataset on the same folder."""
+        return {"files": [path.name for path in self.files], "captions": list(self.captions),
+                "skipped": [list(entry) for entry in self.skipped]}
 
     def summary(self) -> dict:
         """What the scan found: usable pairs and skipped files by reason (for the training log)."""
