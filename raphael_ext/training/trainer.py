@@ -402,7 +402,11 @@ class Trainer:
         if is_shard_pattern(config.data):
             return ShardStream(config.data, self.rank, self.world, config.data_workers, config.seed,
                                min_size=size // 2, state=stream_state)
-        dataset = FolderDataset(config.data, size)
+        # Rank 0 decodes the folder once and shares what it found, rather than every rank decoding every image.
+        scan = [FolderDataset(config.data, size).scan() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(scan, src=0)
+        dataset = FolderDataset(config.data, size, scan=scan[0])
         if self.rank == 0:
             summary = dataset.summary()
             print(f"data: {summary['usable']} usable image-caption pairs in {config.data}, {summary['skipped']} skipped"
