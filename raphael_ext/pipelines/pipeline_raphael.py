@@ -90,9 +90,9 @@ class RaphaelPipeline(DiffusionPipeline, RaphaelLoraLoaderMixin):
         if expected != unet.config.prediction_type:
             raise ValueError(f"RaphaelPipeline: the scheduler expects {expected!r} outputs, the U-Net predicts "
                              f"{unet.config.prediction_type!r}")
-        if text_encoder.width != unet.config.text_dim:
+        if text_encoder.width != unet.config.cross_attention_dim:
             raise ValueError(f"RaphaelPipeline: the text encoder's width {text_encoder.width} differs from the U-Net's "
-                             f"text_dim {unet.config.text_dim}")
+                             f"cross_attention_dim {unet.config.cross_attention_dim}")
         self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
                               controlnet=controlnet)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_stride, do_normalize=True)
