@@ -83,6 +83,10 @@ class LegacyConfigNamesMixin:
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown arguments {unknown}")
         renamed = rename_legacy_config(legacy)
+        given = set(values) - set(self.config.get("_use_default_values", []))
+        if given & set(renamed):
+            raise ValueError(f"{type(self).__name__}: {sorted(given & set(renamed))} given both by the old and the "
+                             f"new name")
         if renamed:
             defaults = [k for k in self.config.get("_use_default_values", []) if k not in renamed]
             self.register_to_config(**renamed, _use_default_values=defaults)
