@@ -200,3 +200,72 @@ def test_config_uses_diffusers_names_and_old_configs_load(unet, tmp_path):
         RaphaelUNet(channels=(32, 64), block_out_channels=(32, 64))
     with pytest.raises(TypeError, match="unknown"):
         RaphaelUNet(bogus=1)
+
+
+# --- LoRA through the pipeline ------------------------------------------------------------------------------------
+
+def test_lora_adapters_through_the_pipeline(tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    source = RaphaelPipeline.from_preset("tiny", sample_size=16, **TINY)
+    nudge(source.unet)
+    unet_config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    text_config = LoraConfig(r=2, lora_alpha=2, target_modules=["c_fc"])
+    for name in ("a", "b"):
+        source.unet.add_adapter(unet_config, name)
+        layers = {}
+        if name == "a":  # adapter a also adapts the text encoder
+            source.text_encoder.add_adapter(text_config, name)
+            nudge(source.text_encoder, parts=("lora_B",))
+            layers = dict(text_encoder_lora_layers=get_peft_model_state_dict(source.text_encoder, adapter_name=name),
+                          text_encoder_lora_adapter_metadata=text_config.to_dict())
+        nudge(source.unet, parts=(f"lora_B.{name}",))
+        RaphaelPipeline.save_lora_weights(tmp_path / name, unet_lora_layers=get_peft_model_state_dict(
+            source.unet, adapter_name=name), unet_lora_adapter_metadata=unet_config, **layers)
+
+    torch.manual_seed(0)
+    pipe = RaphaelPipeline.from_preset("tiny", sample_size=16, **TINY)
+    nudge(pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    base = sample(pipe)
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="a")
+    pipe.load_lora_weights(tmp_path / "b", adapter_name="b")
+    assert pipe.get_list_adapters() == {"unet": ["a", "b"], "text_encoder": ["a"]}
+
+    # Each adapter changes a LoRA'd linear layer by its scale times its delta: both at once add up.
+    layer = pipe.unet.get_submodule("down.2.attn.block.self_attn.to_q")
+    h = torch.randn(3, layer.in_features)
+
+    def delta(names, scales):
+        pipe.set_adapters(names, scales)
+        return layer(h) - layer.base_layer(h)
+
+    torch.testing.assert_close(delta(["a", "b"], [0.5, 2.0]), 0.5 * delta(["a"], [1.0]) + 2.0 * delta(["b"], [1.0]))
+    pipe.set_adapters(["a", "b"], [0.5, 2.0])
+    assert sorted(pipe.get_active_adapters()) == ["a", "b"]
+    both = sample(pipe)
+    for alone in (["a"], ["b"]):
+        pipe.set_adapters(alone, [1.0])
+        assert not np.allclose(sample(pipe), both)
+    pipe.set_adapters(["a", "b"], [0.0, 0.0])
+    np.testing.assert_allclose(sample(pipe), base, atol=1e-6)
+    # The text encoder's adapter is loaded and scaled with the U-Net's.
+    states = lambda: pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)[0]  # noqa: E731
+    plain = states()
+    pipe.set_adapters(["a"], [1.0])
+    assert not torch.equal(states(), plain)
+
+    pipe.unload_lora_weights()
+    assert np.array_equal(sample(pipe), base) and pipe.get_list_adapters() == {}
+
+    pipe.load_lora_weights(tmp_path / "a", adapter_name="a")
+    pipe.load_lora_weights(tmp_path / "b", adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.5, 2.0])
+    pipe.fuse_lora()
+    np.testing.assert_allclose(sample(pipe), both, atol=1e-4)
+    pipe.unfuse_lora()
+    np.testing.assert_allclose(sample(pipe), both, atol=1e-5)
+    pipe.delete_adapters("b")
+    assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
