@@ -356,10 +356,9 @@ class RaphaelPipeline(DiffusionPipeline, RaphaelLoraLoaderMixin):
         paths = None
         if record_paths:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            ids = tokenize(self.tokenizer, prompts)
-            lengths = prompt_attention_mask.sum(-1)[::num_images_per_prompt]
+            ids = tokenize(self.tokenizer, prompts).repeat_interleave(num_images_per_prompt, dim=0)
             paths = DiffusionPaths(tokens=[[self.tokenizer.decode([i]).strip() for i in row[: int(n)].tolist()]
-                                           for row, n in zip(ids, lengths)])
+                                           for row, n in zip(ids, prompt_attention_mask.sum(-1))])
         tensors = dict(latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                        prompt_attention_mask=prompt_attention_mask,
                        negative_prompt_attention_mask=negative_prompt_attention_mask)
