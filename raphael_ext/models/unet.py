@@ -6,7 +6,8 @@ A diffusers model: `ModelMixin` (save_pretrained / from_pretrained folders, `tor
 readable on purpose, in the spirit of DiT's models.py; the kernels live in raphael_ext.ops.
 
     unet = RaphaelUNet.from_preset("tiny")                       # or "small", "paper"; any argument can be overridden
-    out = unet(x_t, t, encoder_hidden_states=text_states, text_lengths=text_lengths)  # out.sample, routes, maps, edge_logits, balance_loss
+    out = unet(x_t, t, encoder_hidden_states=text_states, text_lengths=text_lengths)
+    # out.sample, routes, maps, edge_logits, balance_loss; t may be [B], [1] or a number
     unet.save_pretrained("folder"); RaphaelUNet.from_pretrained("folder", torch_dtype=torch.bfloat16)
 """
 
@@ -661,6 +662,7 @@ def convert_legacy_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-__all__ = ["EdgeHead", "LEGACY_CONFIG_NAMES", "PRESETS", "PREDICTION_TYPES", "RaphaelBlock", "RaphaelEncoderMixin", "RaphaelUNet",
-           "RaphaelUNetOutput", "ResBlock", "SpatialTransformer", "convert_legacy_state_dict", "down_stage_widths",
-           "preset_config", "raphael_block_args", "rename_legacy_config", "timestep_embedding"]
+__all__ = ["EdgeHead", "LEGACY_CONFIG_NAMES", "PRESETS", "PREDICTION_TYPES", "RaphaelBlock", "RaphaelEncoderMixin",
+           "RaphaelUNet", "RaphaelUNetOutput", "ResBlock", "SpatialTransformer", "broadcast_timestep",
+           "convert_legacy_state_dict", "down_stage_widths", "preset_config", "raphael_block_args",
+           "rename_legacy_config", "timestep_embedding"]

@@ -88,7 +88,8 @@ class RaphaelLoraLoaderMixin(LoraBaseMixin):
                           **kwargs) -> None:
         """Loads a LoRA (a pytorch_lora_weights.safetensors file or its folder) into each component it has weights
         for, as adapter `adapter_name` ("default", or "default_<n>" when that is taken), and makes it the active one
-        (set_adapters combines several). The adapter is injected from its saved LoraConfig, then PEFT sets its weights."""
+        (set_adapters combines several). The adapter is injected from its saved LoraConfig, then PEFT sets its
+        weights."""
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
 

@@ -7,6 +7,13 @@ swaps in with `from_config`), an optional vae (AutoencoderKL, for latent models)
     image = pipe("a red circle to the left of a blue square", generator=torch.Generator().manual_seed(0)).images[0]
     pipe.save_pretrained("folder")                                      # model_index.json + one folder per component
 
+diffusers' conventions hold: `generator` also drives stochastic schedulers (DDPM, Euler ancestral, DDIM with eta > 0),
+`encode_prompt` returns states and attention masks that `__call__` takes as `prompt_embeds`, `callback_on_step_end`
+may replace the latents, guidance runs for `guidance_scale > 1`, and LoRAs load through diffusers' `LoraBaseMixin`:
+
+    pipe.load_lora_weights("style", adapter_name="style"); pipe.load_lora_weights("shapes", adapter_name="shapes")
+    pipe.set_adapters(["style", "shapes"], [0.7, 1.0]); pipe.fuse_lora(); pipe.unfuse_lora(); pipe.unload_lora_weights()
+
 With `record_paths=True` the output also holds RAPHAEL's diffusion paths (paper Fig. 4, 9, 11): the space expert each
 text token chose in every transformer block, the time expert of every block at every step, and the cross-attention
 map of every token; `raphael_ext.pipelines.paths` draws them.
