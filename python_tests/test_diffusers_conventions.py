@@ -248,6 +248,12 @@ def test_lora_adapters_through_the_pipeline(tmp_path):
     pipe.set_adapters(["a", "b"], [0.5, 2.0])
     assert sorted(pipe.get_active_adapters()) == ["a", "b"]
     both = sample(pipe)
+    # cross_attention_kwargs={"scale": s} multiplies every adapter's scale, in both components, for one call.
+    half = sample(pipe, cross_attention_kwargs={"scale": 0.5})
+    assert np.array_equal(sample(pipe), both)
+    pipe.set_adapters(["a", "b"], [0.25, 1.0])
+    np.testing.assert_allclose(sample(pipe), half, atol=1e-6)
+    assert not np.allclose(half, both)
     for alone in (["a"], ["b"]):
         pipe.set_adapters(alone, [1.0])
         assert not np.allclose(sample(pipe), both)
