@@ -97,7 +97,7 @@ def test_ddim_step_vs_space_experts(run, benchmark, case, experts, provider):
     t = scheduler.timesteps[25]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, config.in_channels, config.sample_size, config.sample_size, generator=g).to(device, dtype)
-    text = torch.randn(2, config.text_tokens, config.text_dim, generator=g).to(device, dtype)
+    text = torch.randn(2, config.text_tokens, config.cross_attention_dim, generator=g).to(device, dtype)
     lengths = torch.tensor([2, VALID_TOKENS], device=device)  # unconditional ("" = start + end), conditional
 
     def ddim_step():

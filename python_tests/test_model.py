@@ -19,7 +19,7 @@ def inputs(config, batch=2, seed=0, lengths=(5, 9)):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=g)
     t = torch.randint(0, config.num_train_timesteps, (batch,), generator=g)
-    text = torch.randn(batch, config.text_tokens, config.text_dim, generator=g)
+    text = torch.randn(batch, config.text_tokens, config.cross_attention_dim, generator=g)
     return x, t, text, torch.tensor(lengths[:batch])
 
 
@@ -43,7 +43,7 @@ def test_paper_preset_on_meta():
         model = RaphaelUNet.from_preset("paper")
     config = model.config
     assert model.num_transformer_blocks == 16
-    assert config.space_experts == 6 and config.time_experts == 4 and config.text_dim == 1024
+    assert config.space_experts == 6 and config.time_experts == 4 and config.cross_attention_dim == 1024
     assert 2.5e9 <= model.num_parameters() <= 3.5e9, model.num_parameters()
     with torch.device("meta"):
         x = torch.empty(1, 4, 80, 80)

@@ -24,7 +24,7 @@ unet = RaphaelUNet.from_preset("tiny").eval()
 config = unet.config
 scheduler = default_scheduler(unet)
 x = torch.randn(1, config.in_channels, config.sample_size, config.sample_size)
-text = torch.randn(1, config.text_tokens, config.text_dim)
+text = torch.randn(1, config.text_tokens, config.cross_attention_dim)
 with torch.no_grad():
     out = unet(x, torch.tensor([500]), text, torch.tensor([5]))
 assert out.sample.shape == x.shape

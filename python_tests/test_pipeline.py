@@ -27,6 +27,12 @@ def images(pipe, steps=3, seed=0, prompts=PROMPTS, **kwargs):
                 **kwargs).images
 
 
+def text_states(pipe, prompts=PROMPTS):
+    """(states, lengths) of prompts, as the U-Net takes them."""
+    states, mask, _, _ = pipe.encode_prompt(prompts, "cpu", do_classifier_free_guidance=False)
+    return states, mask.sum(-1)
+
+
 def nudge(module, std=0.05, parts=("proj_out", "controlnet_", "cond_embedding.layers")):
     """Random weights in zero-initialised outputs (transformer proj_out, ControlNet zero convs; LoRA B with
     parts=("lora_B",)) so that a test can see a transformer's, an adapter's or a ControlNet's effect."""
@@ -149,7 +155,7 @@ def test_lora_on_attention_and_experts(tmp_path):
         param.requires_grad_("lora_" in n)
     nudge(p.unet, parts=("lora_B",))
     x = torch.randn(2, 3, 32, 32)
-    states, lengths = p.encode_prompt(PROMPTS, "cpu")
+    states, lengths = text_states(p)
     p.unet(x, torch.tensor([10, 500]), states, lengths).sample.square().mean().backward()
     grads = {n: prm.grad for n, prm in p.unet.named_parameters() if prm.grad is not None}
     assert grads and all("lora_" in n for n in grads)
@@ -182,9 +188,9 @@ def test_lora_on_the_text_tower():
     from raphael_ext.training.trainer import LORA_TEXT_TOWER
 
     p = make_pipe()
-    before, _ = p.encode_prompt(PROMPTS, "cpu")
+    before, _ = text_states(p)
     p.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=LORA_TEXT_TOWER))
-    assert torch.equal(p.encode_prompt(PROMPTS, "cpu")[0], before)
+    assert torch.equal(text_states(p)[0], before)
     assert sum("lora_" in n for n, _ in p.text_encoder.named_parameters()) == 4 * 2  # c_fc, c_proj x A, B x 2 layers
 
 
@@ -228,7 +234,7 @@ def test_controlnet_of_a_patched_unet_embeds_the_control_at_patch_resolution():
     nudge(controlnet)
     assert controlnet.config.patch_size == 2
     x = torch.randn(2, 3, 32, 32)
-    states, lengths = p.encode_prompt(PROMPTS, "cpu")
+    states, lengths = text_states(p)
     down, mid = controlnet(x, torch.tensor([3, 700]), states, lengths, controlnet_cond=torch.rand(2, 1, 32, 32))
     assert [d.shape[-1] for d in down] == [16, 16, 8, 8] and mid.shape[-1] == 8
     out = p.unet(x, torch.tensor([3, 700]), states, lengths, down_block_additional_residuals=down,
@@ -244,7 +250,7 @@ def test_controlnet_gradients_reach_only_the_controlnet():
     p.unet.requires_grad_(False)
     x = torch.randn(2, 3, 32, 32)
     t = torch.tensor([3, 700])
-    states, lengths = p.encode_prompt(PROMPTS, "cpu")
+    states, lengths = text_states(p)
     down, mid = controlnet(x, t, states, lengths, controlnet_cond=torch.rand(2, 1, 32, 32))
     assert len(down) == len(p.unet.skip_widths)
     out = p.unet(x, t, states, lengths, down_block_additional_residuals=down, mid_block_additional_residual=mid)

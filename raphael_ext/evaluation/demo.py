@@ -29,11 +29,10 @@ DEMO_GUIDANCE = 2.0
 # logit-normal timesteps moved towards less noise and widened, and two conditioning aids of ours (the pooled text
 # embedding in the time embedding, positions for the transformer tokens).
 DEMO_RECIPE = {"batch_size": 32, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.99, "ema_warmup": False,
-               "multiscale": False,
-               "timestep_sampling": "logit_normal", "logit_mean": -0.5, "logit_std": 1.3,
-               "model": {"prediction_type": "sample", "channels": [32, 64], "norm_groups": 8, "space_experts": 3,
-                         "expert_hidden_mult": 2, "pooled_text": True, "positional_embedding": True,
-                         "patch_size": 2}}
+               "multiscale": False, "timestep_sampling": "logit_normal", "logit_mean": -0.5, "logit_std": 1.3,
+               "model": {"prediction_type": "sample", "block_out_channels": [32, 64], "norm_num_groups": 8,
+                         "space_experts": 3, "expert_hidden_mult": 2, "pooled_text": True,
+                         "positional_embedding": True, "patch_size": 2}}
 
 
 def demo_config(out: Path, steps: int, **overrides) -> TrainConfig:

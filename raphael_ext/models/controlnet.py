@@ -5,12 +5,14 @@ residuals leave through zero-initialised 1x1 convolutions, so a fresh ControlNet
 images are unchanged until it is trained.
 
     controlnet = RaphaelControlNet.from_unet(unet)               # copies the encoder weights
-    down, mid = controlnet(x_t, t, text_states, text_lengths, controlnet_cond=edges, conditioning_scale=1.0)
-    unet(x_t, t, text_states, text_lengths, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    down, mid = controlnet(x_t, t, encoder_hidden_states=text_states, text_lengths=text_lengths,
+                           controlnet_cond=edges, conditioning_scale=1.0)
+    unet(x_t, t, encoder_hidden_states=text_states, text_lengths=text_lengths,
+         down_block_additional_residuals=down, mid_block_additional_residual=mid)
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from .unet import RaphaelEncoderMixin, RaphaelUNet, _Record, down_stage_widths, raphael_block_args
+from .unet import (LegacyConfigNamesMixin, RaphaelEncoderMixin, RaphaelUNet, _Record, broadcast_timestep,
+                   down_stage_widths, lengths_from_mask, raphael_block_args)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -51,7 +54,7 @@ class ConditioningEmbedding(nn.Module):
         return self.layers(cond)
 
 
-class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
+class RaphaelControlNet(LegacyConfigNamesMixin, ModelMixin, ConfigMixin, RaphaelEncoderMixin):
     """forward(x_t, t, text_states, text_lengths, controlnet_cond, conditioning_scale=1.0) ->
     (down_block_residuals, mid_block_residual) for RaphaelUNet.forward.
 
@@ -66,13 +69,13 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
     def __init__(
         self,
         in_channels: int = 3,
-        channels: Tuple[int, ...] = (64, 128),
-        layers_per_level: int = 1,
+        block_out_channels: Tuple[int, ...] = (64, 128),
+        layers_per_block: int = 1,
         attention_levels: Tuple[bool, ...] = (False, True),
-        head_dim: int = 32,
-        norm_groups: int = 32,
+        attention_head_dim: int = 32,
+        norm_num_groups: int = 32,
         dropout: float = 0.0,
-        text_dim: int = 64,
+        cross_attention_dim: int = 64,
         alpha: float = 0.2,
         space_experts: int = 6,
         time_experts: int = 4,
@@ -84,10 +87,16 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         conditioning_downscale: int = 1,
         conditioning_embedding_channels: Tuple[int, ...] = (16, 32),
         patch_size: int = 1,
+        **kwargs,
     ):
         super().__init__()
         self.gradient_checkpointing = False  # see RaphaelUNet.__init__
-        channels = tuple(channels)
+        names = self._legacy_config(dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+                                         attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+                                         cross_attention_dim=cross_attention_dim), kwargs)
+        channels, layers_per_level, head_dim, norm_groups, text_dim = (
+            tuple(names["block_out_channels"]), names["layers_per_block"], names["attention_head_dim"],
+            names["norm_num_groups"], names["cross_attention_dim"])
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout, space_experts, time_experts,
                                         expert_hidden_mult, gate_noise, balance_loss=False)
         mid_width = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups,
@@ -106,9 +115,10 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
         """A ControlNet whose encoder copies `unet`'s (architecture and, by default, weights)."""
         c = unet.config
         controlnet = cls(
-            in_channels=c.in_channels, channels=tuple(c.channels), layers_per_level=c.layers_per_level,
-            attention_levels=tuple(c.attention_levels), head_dim=c.head_dim, norm_groups=c.norm_groups,
-            dropout=c.dropout, text_dim=c.text_dim, alpha=c.alpha,
+            in_channels=c.in_channels, block_out_channels=tuple(c.block_out_channels),
+            layers_per_block=c.layers_per_block, attention_levels=tuple(c.attention_levels),
+            attention_head_dim=c.attention_head_dim, norm_num_groups=c.norm_num_groups, dropout=c.dropout,
+            cross_attention_dim=c.cross_attention_dim, alpha=c.alpha,
             space_experts=c.space_experts if c.use_space_moe else 0,
             time_experts=c.time_experts if c.use_time_moe else 0, expert_hidden_mult=c.expert_hidden_mult,
             gate_noise=c.gate_noise, pooled_text=c.get("pooled_text", False),
@@ -127,15 +137,22 @@ class RaphaelControlNet(ModelMixin, ConfigMixin, RaphaelEncoderMixin):
     def forward(
         self,
         sample: Tensor,
-        timestep: Tensor,
-        text_states: Tensor,
+        timestep: Union[Tensor, float, int],
+        encoder_hidden_states: Tensor,
         text_lengths: Optional[Tensor] = None,
         controlnet_cond: Optional[Tensor] = None,
         conditioning_scale: float = 1.0,
+        encoder_attention_mask: Optional[Tensor] = None,
     ) -> Tuple[List[Tensor], Tensor]:
+        """The arguments are RaphaelUNet.forward's (diffusers' names), plus the control image controlnet_cond and
+        conditioning_scale, which multiplies the residuals."""
         if controlnet_cond is None:
             raise ValueError("RaphaelControlNet: controlnet_cond (the control image) is required")
+        text_states = encoder_hidden_states
         batch = sample.shape[0]
+        timestep = broadcast_timestep(timestep, batch, sample.device)
+        if text_lengths is None and encoder_attention_mask is not None:
+            text_lengths = lengths_from_mask(encoder_attention_mask)
         if text_lengths is None:
             text_lengths = torch.full((batch,), text_states.shape[1], dtype=torch.long, device=sample.device)
         expected = (sample.shape[-2] * self.config.conditioning_downscale,

@@ -6,7 +6,8 @@ A diffusers model: `ModelMixin` (save_pretrained / from_pretrained folders, `tor
 readable on purpose, in the spirit of DiT's models.py; the kernels live in raphael_ext.ops.
 
     unet = RaphaelUNet.from_preset("tiny")                       # or "small", "paper"; any argument can be overridden
-    out = unet(x_t, t, text_states, text_lengths)                # out.sample, routes, maps, edge_logits, balance_loss
+    out = unet(x_t, t, encoder_hidden_states=text_states, text_lengths=text_lengths)
+    # out.sample, routes, maps, edge_logits, balance_loss; t may be [B], [1] or a number
     unet.save_pretrained("folder"); RaphaelUNet.from_pretrained("folder", torch_dtype=torch.bfloat16)
 """
 
@@ -24,6 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.peft_utils import apply_lora_scale
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -38,16 +40,77 @@ PRESETS: Dict[str, dict] = {
     # Trains on 2 CPU cores in minutes: 32x32 pixels, two levels, 4 transformer blocks (16x16 tokens).
     "tiny": {},
     # One GPU: 64x64 latents (512 px), four levels, 16 transformer blocks like the paper's layout.
-    "small": dict(sample_size=64, in_channels=4, out_channels=4, channels=(128, 256, 512, 512), layers_per_level=2,
-                  attention_levels=(True, True, True, False), head_dim=64, text_dim=512, edge_channels=64,
-                  latent=True),
+    "small": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(128, 256, 512, 512),
+                  layers_per_block=2, attention_levels=(True, True, True, False), attention_head_dim=64,
+                  cross_attention_dim=512, edge_channels=64, latent=True),
     # The paper's scale (Table 2): 16 transformer blocks, 6 space and 4 time experts, ViT-g/14 text (width 1024,
     # 77 tokens), latent diffusion at 640x640 (80x80 latents). 2.98 B parameters (the paper: "about 3 B"); the
     # deepest level, without attention, is widened to 2048 to get there.
-    "paper": dict(sample_size=80, in_channels=4, out_channels=4, channels=(384, 768, 1536, 2048), layers_per_level=2,
-                  attention_levels=(True, True, True, False), head_dim=64, text_dim=1024, edge_channels=128,
-                  latent=True, gradient_checkpointing=True),
+    "paper": dict(sample_size=80, in_channels=4, out_channels=4, block_out_channels=(384, 768, 1536, 2048),
+                  layers_per_block=2, attention_levels=(True, True, True, False), attention_head_dim=64,
+                  cross_attention_dim=1024, edge_channels=128, latent=True, gradient_checkpointing=True),
 }
+
+# The config names of raphael_ext 0.2 and their diffusers names, which replaced them; configs with the old names
+# (config.json files, preset overrides, keyword arguments) keep loading.
+LEGACY_CONFIG_NAMES = {"channels": "block_out_channels", "layers_per_level": "layers_per_block",
+                       "norm_groups": "norm_num_groups", "text_dim": "cross_attention_dim",
+                       "head_dim": "attention_head_dim"}
+
+
+def rename_legacy_config(config: dict) -> dict:
+    """config with raphael_ext 0.2's names replaced by diffusers' (a name given both ways is an error)."""
+    out = dict(config)
+    for old, new in LEGACY_CONFIG_NAMES.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"config gives both {old!r} and its new name {new!r}")
+            out[new] = out.pop(old)
+    return out
+
+
+class LegacyConfigNamesMixin:
+    """Accepts raphael_ext 0.2's config names (LEGACY_CONFIG_NAMES) wherever a diffusers config is read: from_config,
+    from_pretrained (both go through extract_init_dict) and keyword arguments of __init__ (`_legacy_config`)."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        return super().extract_init_dict(rename_legacy_config(config_dict), **rename_legacy_config(kwargs))
+
+    def _legacy_config(self, values: dict, legacy: dict) -> dict:
+        """values (this model's diffusers-named arguments) updated by the old-named ones in legacy, which are also
+        written to the config under their new names; anything else in legacy is an unknown argument."""
+        unknown = sorted(set(legacy) - set(LEGACY_CONFIG_NAMES))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown arguments {unknown}")
+        renamed = rename_legacy_config(legacy)
+        given = set(values) - set(self.config.get("_use_default_values", []))
+        if given & set(renamed):
+            raise ValueError(f"{type(self).__name__}: {sorted(given & set(renamed))} given both by the old and the "
+                             f"new name")
+        if renamed:
+            defaults = [k for k in self.config.get("_use_default_values", []) if k not in renamed]
+            self.register_to_config(**renamed, _use_default_values=defaults)
+        return {**values, **renamed}
+
+
+def broadcast_timestep(timestep: Union[Tensor, float, int], batch: int, device) -> Tensor:
+    """The timestep as a [batch] tensor: a python number, a 0-d tensor or a [1] tensor is repeated for every sample
+    (diffusers' U-Nets take all three)."""
+    t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=device)
+    t = t.to(device).reshape(-1)
+    if t.numel() == 1:
+        return t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"timestep must hold 1 or batch = {batch} values, got shape {tuple(timestep.shape)}")
+    return t
+
+
+def lengths_from_mask(encoder_attention_mask: Tensor) -> Tensor:
+    """Text lengths [B] from diffusers' encoder_attention_mask [B, N_y] (1 keeps a token; the kept tokens must be a
+    prefix, as a tokenizer's padding makes them)."""
+    return encoder_attention_mask.to(torch.long).sum(dim=-1)
+
 
 # Written by raphael_ext before it became a diffusers model (config.json of RaphaelConfig + model.safetensors).
 LEGACY_WEIGHTS = "model.safetensors"
@@ -255,9 +318,9 @@ class RaphaelEncoderMixin:
 
     def _time_embedding(self, timestep: Tensor, batch: int, dtype: torch.dtype, text_states: Tensor,
                         text_lengths: Tensor) -> Tensor:
-        """The time embedding, plus the pooled text embedding when the model has one."""
-        t = timestep.expand(batch) if timestep.dim() == 0 else timestep
-        emb = self.time_embed(timestep_embedding(t, self.conv_in.out_channels).to(self.conv_in.weight.dtype))
+        """The time embedding of timestep [batch] in dtype (the sample's: under layerwise casting the weights are
+        stored in another), plus the pooled text embedding when the model has one."""
+        emb = self.time_embed(timestep_embedding(timestep, self.conv_in.out_channels).to(dtype))
         if self.text_embed is not None:
             eot = (text_lengths.clamp(min=1) - 1).view(batch, 1, 1).expand(batch, 1, text_states.shape[-1])
             emb = emb + self.text_embed(text_states.gather(1, eot).squeeze(1).to(emb.dtype))
@@ -319,22 +382,51 @@ def down_stage_widths(channels: Sequence[int], layers_per_level: int) -> List[in
     return widths
 
 
-class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin):
-    """forward(x_t [B, C, H, W], t [B], text_states [B, N_y, d_y], text_lengths [B]) -> RaphaelUNetOutput.
+class RaphaelUNet(LegacyConfigNamesMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin):
+    r"""
+    The RAPHAEL U-Net: ResNet blocks and RAPHAEL transformer blocks (self-attention, masked cross-attention, time-MoE,
+    space-MoE), plus the edge head of edge supervision. Called like diffusers' UNet2DConditionModel:
+    `unet(sample, timestep, encoder_hidden_states=text_states).sample`.
 
-    Args (the config): sample_size is the training resolution of x_t (pixels, or latents with latent=True), any
-    multiple of 2**(levels-1) runs; channels and attention_levels give one entry per U-Net level; head_dim is 32, 64
-    or 128 (the cross-attention kernel's); text_dim/text_tokens describe the text states; alpha is the mask threshold;
-    space_experts/time_experts of 0 (or use_space_moe/use_time_moe False, the ablation switches) turn a MoE off;
-    gate_noise is the std of the gates' training noise; use_edge/edge_layers/edge_channels describe P_theta and
-    t_cutoff the edge loss's T_c; pooled_text adds the end-of-text token's state to the time embedding, so every
-    ResNet block sees the prompt (SDXL's pooled text embedding; ours, off in the paper's presets);
-    positional_embedding adds a fixed 2D sin-cos position to the transformer tokens (DiT's; ours, off in the presets);
-    prediction_type is diffusers' ("epsilon" in the paper, "v_prediction", "sample"); patch_size p folds p x p pixels
-    into channels before conv_in and unfolds the prediction after conv_out (DiT's patches; ours, 1 in the presets), so
-    every level runs at 1/p of the sample's height and width, p**2 times fewer positions for the same widths;
-    space_moe_recompute makes every space-MoE recompute its experts' hidden activations in the backward instead of
-    keeping them (less memory, slower; nn.SpaceMoE's recompute).
+    Args:
+        sample_size (`int`, defaults to 32): The training height and width of the sample (pixels, or latents with
+            `latent=True`); any multiple of `sample_stride` runs.
+        in_channels (`int`, defaults to 3): Channels of the input sample.
+        out_channels (`int`, defaults to 3): Channels of the prediction.
+        block_out_channels (`Tuple[int]`, defaults to `(64, 128)`): The width of each U-Net level (0.2's `channels`).
+        layers_per_block (`int`, defaults to 1): Stages per level on the way down (0.2's `layers_per_level`).
+        attention_levels (`Tuple[bool]`, defaults to `(False, True)`): Which levels have transformer blocks.
+        attention_head_dim (`int`, defaults to 32): Width of an attention head: 32, 64 or 128, the cross-attention
+            kernel's (0.2's `head_dim`).
+        norm_num_groups (`int`, defaults to 32): Groups of the GroupNorms (0.2's `norm_groups`).
+        dropout (`float`, defaults to 0.0): Dropout of the ResNet blocks and cross-attention.
+        cross_attention_dim (`int`, defaults to 64): Width of the text states (0.2's `text_dim`).
+        text_tokens (`int`, defaults to 77): Text tokens per prompt.
+        alpha (`float`, defaults to 0.2): Threshold of the cross-attention mask.
+        space_experts (`int`, defaults to 6): Space-MoE experts (0 turns space-MoE off).
+        time_experts (`int`, defaults to 4): Time-MoE experts (0 turns time-MoE off).
+        expert_hidden_mult (`int`, defaults to 4): Hidden width of an expert FFN over its input width.
+        gate_noise (`float`, defaults to 0.1): Standard deviation of the gates' training noise.
+        balance_loss (`bool`, defaults to `False`): Whether the MoEs return a load-balancing loss.
+        use_space_moe (`bool`, defaults to `True`): Ablation switch of space-MoE.
+        use_time_moe (`bool`, defaults to `True`): Ablation switch of time-MoE.
+        use_edge (`bool`, defaults to `True`): Whether the model has the edge head P_theta.
+        edge_layers (`int`, defaults to 5): Convolutions of the edge head.
+        edge_channels (`int`, defaults to 32): Width of the edge head.
+        t_cutoff (`int`, defaults to 500): T_c of the edge loss (no edge loss above it).
+        pooled_text (`bool`, defaults to `False`): Adds the end-of-text token's state to the time embedding (SDXL's
+            pooled text embedding), so every ResNet block sees the prompt.
+        positional_embedding (`bool`, defaults to `False`): Adds a fixed 2D sin-cos position to transformer tokens.
+        num_train_timesteps (`int`, defaults to 1000): Length of the training noise schedule.
+        prediction_type (`str`, defaults to `"epsilon"`): What the model predicts: `"epsilon"`, `"v_prediction"` or
+            `"sample"` (diffusers' names).
+        gradient_checkpointing (`bool`, defaults to `False`): Enables gradient checkpointing at construction.
+        latent (`bool`, defaults to `False`): Whether the model runs on VAE latents.
+        patch_size (`int`, defaults to 1): Folds p x p pixels into channels before conv_in (DiT's patches), so every
+            level runs at 1/p of the sample's height and width.
+        space_moe_recompute (`bool`, defaults to `False`): Every space-MoE recomputes its experts' hidden activations
+            in the backward instead of keeping them from the forward (less memory, slower; `nn.SpaceMoE`'s
+            `recompute`).
     """
 
     _supports_gradient_checkpointing = True
@@ -346,13 +438,13 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         sample_size: int = 32,
         in_channels: int = 3,
         out_channels: int = 3,
-        channels: Tuple[int, ...] = (64, 128),
-        layers_per_level: int = 1,
+        block_out_channels: Tuple[int, ...] = (64, 128),
+        layers_per_block: int = 1,
         attention_levels: Tuple[bool, ...] = (False, True),
-        head_dim: int = 32,
-        norm_groups: int = 32,
+        attention_head_dim: int = 32,
+        norm_num_groups: int = 32,
         dropout: float = 0.0,
-        text_dim: int = 64,
+        cross_attention_dim: int = 64,
         text_tokens: int = 77,
         alpha: float = 0.2,
         space_experts: int = 6,
@@ -374,11 +466,18 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         latent: bool = False,
         patch_size: int = 1,
         space_moe_recompute: bool = False,
+        **kwargs,
     ):
         super().__init__()
         # diffusers' enable_gradient_checkpointing sets this flag on every module that has one, this one included;
         # an attribute of our own keeps it from reading the config field of the same name.
         self.gradient_checkpointing = False
+        names = self._legacy_config(dict(block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+                                         attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+                                         cross_attention_dim=cross_attention_dim), kwargs)
+        channels, layers_per_level, head_dim, norm_groups, text_dim = (
+            names["block_out_channels"], names["layers_per_block"], names["attention_head_dim"],
+            names["norm_num_groups"], names["cross_attention_dim"])
         channels, attention_levels = tuple(channels), tuple(bool(a) for a in attention_levels)
         if len(channels) != len(attention_levels):
             raise ValueError("RaphaelUNet: channels and attention_levels need one entry per level")
@@ -434,7 +533,7 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
         logger.info("RaphaelUNet: %s is a raphael_ext 0.1 folder; converting it on load", folder)
         config = json.loads((folder / "config.json").read_text())
         config.pop("text_encoder", None)  # which text tower it was trained with: now the pipeline's text_encoder
-        model = cls(**config)
+        model = cls(**rename_legacy_config(config))
         model.load_state_dict(convert_legacy_state_dict(load_file(str(folder / LEGACY_WEIGHTS))))
         return model.to(torch_dtype) if torch_dtype is not None else model
 
@@ -446,26 +545,53 @@ class RaphaelUNet(ModelMixin, ConfigMixin, PeftAdapterMixin, RaphaelEncoderMixin
     @property
     def skip_widths(self) -> List[int]:
         """Channels of the skip connections (the residuals a ControlNet adds), in the order forward() makes them."""
-        return down_stage_widths(self.config.channels, self.config.layers_per_level)
+        return down_stage_widths(self.config.block_out_channels, self.config.layers_per_block)
 
     @property
     def sample_stride(self) -> int:
         """The height and width of x_t must be multiples of this."""
-        return 2 ** (len(self.config.channels) - 1) * self.patch_size
+        return 2 ** (len(self.config.block_out_channels) - 1) * self.patch_size
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         sample: Tensor,
-        timestep: Tensor,
-        text_states: Tensor,
+        timestep: Union[Tensor, float, int],
+        encoder_hidden_states: Tensor,
         text_lengths: Optional[Tensor] = None,
         down_block_additional_residuals: Optional[Sequence[Tensor]] = None,
         mid_block_additional_residual: Optional[Tensor] = None,
+        encoder_attention_mask: Optional[Tensor] = None,
+        cross_attention_kwargs: Optional[Dict[str, object]] = None,
         return_dict: bool = True,
     ) -> Union[RaphaelUNetOutput, Tuple[Tensor]]:
-        """down_block_additional_residuals / mid_block_additional_residual: a ControlNet's outputs (diffusers'
-        names), added to the skip connections and to the middle block's output."""
+        r"""
+        The prediction for a noisy sample (diffusers' UNet2DConditionModel.forward).
+
+        Args:
+            sample (`torch.Tensor`): The noisy input `[B, C, H, W]`.
+            timestep (`torch.Tensor`, `float` or `int`): The timestep: `[B]`, or one value (a number, a 0-d or a
+                `[1]` tensor) for the whole batch.
+            encoder_hidden_states (`torch.Tensor`): The text states `[B, N_y, cross_attention_dim]`.
+            text_lengths (`torch.Tensor`, *optional*): Valid tokens per prompt `[B]`; all tokens when neither it nor
+                `encoder_attention_mask` is given.
+            down_block_additional_residuals (`List[torch.Tensor]`, *optional*): A ControlNet's residuals, added to
+                the skip connections.
+            mid_block_additional_residual (`torch.Tensor`, *optional*): A ControlNet's residual, added to the
+                middle block's output.
+            encoder_attention_mask (`torch.Tensor`, *optional*): `[B, N_y]`, 1 for the prompt's tokens (a prefix);
+                taken as `text_lengths`.
+            cross_attention_kwargs (`dict`, *optional*): Its `"scale"` scales the LoRA adapters for this call.
+            return_dict (`bool`, defaults to `True`): Whether to return a `RaphaelUNetOutput` or a tuple.
+
+        Returns:
+            `RaphaelUNetOutput` (the prediction, routes, attention maps, edge logits, balance loss), or `(sample,)`.
+        """
+        text_states = encoder_hidden_states
         batch, _, height, width = sample.shape
+        timestep = broadcast_timestep(timestep, batch, sample.device)
+        if text_lengths is None and encoder_attention_mask is not None:
+            text_lengths = lengths_from_mask(encoder_attention_mask)
         if text_lengths is None:
             text_lengths = torch.full((batch,), text_states.shape[1], dtype=torch.long, device=sample.device)
         temb = self._time_embedding(timestep, batch, sample.dtype, text_states, text_lengths)
@@ -512,7 +638,8 @@ def preset_config(name: str, **overrides) -> dict:
     """RaphaelUNet's arguments for a preset, with overrides."""
     if name not in PRESETS:
         raise ValueError(f"RaphaelUNet: unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    unknown = sorted(set(overrides) - set(inspect.signature(RaphaelUNet.__init__).parameters) - {"self"})
+    overrides = rename_legacy_config(overrides)
+    unknown = sorted(set(overrides) - set(inspect.signature(RaphaelUNet.__init__).parameters) - {"self", "kwargs"})
     if unknown:
         raise ValueError(f"RaphaelUNet: unknown arguments {unknown}")
     return {**PRESETS[name], **overrides}
@@ -541,6 +668,7 @@ def convert_legacy_state_dict(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-__all__ = ["EdgeHead", "PRESETS", "PREDICTION_TYPES", "RaphaelBlock", "RaphaelEncoderMixin", "RaphaelUNet",
-           "RaphaelUNetOutput", "ResBlock", "SpatialTransformer", "convert_legacy_state_dict", "down_stage_widths",
-           "preset_config", "raphael_block_args", "timestep_embedding"]
+__all__ = ["EdgeHead", "LEGACY_CONFIG_NAMES", "PRESETS", "PREDICTION_TYPES", "RaphaelBlock", "RaphaelEncoderMixin",
+           "RaphaelUNet", "RaphaelUNetOutput", "ResBlock", "SpatialTransformer", "broadcast_timestep",
+           "convert_legacy_state_dict", "down_stage_widths", "preset_config", "raphael_block_args",
+           "rename_legacy_config", "timestep_embedding"]
