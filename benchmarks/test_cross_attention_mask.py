@@ -1,4 +1,4 @@
-"""Cross-attention with map and mask, forward and forward+backward: raphael_ext vs the unfused ways (SPEC §4, §5).
+"""Cross-attention with map and mask, forward and forward+backward: raphael_ext vs the unfused ways (docs/kernels.md).
 
 Peers, on the same inputs in the same run:
 - `sdpa + map pass`: F.scaled_dot_product_attention (flash/efficient backends) for the output, then the map

@@ -1,4 +1,4 @@
-"""Focal loss forward+backward: raphael_ext vs torchvision eager vs torch.compile of torchvision (SPEC §4, §5).
+"""Focal loss forward+backward: raphael_ext vs torchvision eager vs torch.compile of torchvision (docs/kernels.md).
 
 Goals (read from the table, not asserted): CPU at 16.8 M fp32 >= 1.5x torch.compile; GPU >= 85 % of the
 device-to-device copy bandwidth over the bytes the op must move (the `copy (same bytes)` row), >= 5x eager,

@@ -1,4 +1,4 @@
-"""Expert GEMMs (SPEC §3.2, §4, §5): raphael_ext vs its peers, side by side on the same inputs.
+"""Expert GEMMs (docs/kernels.md): raphael_ext vs its peers, side by side on the same inputs.
 
 - grouped_gemm: vs dense torch.mm of equal FLOPs (the ceiling), torch.nn.functional.grouped_mm, a loop of torch.mm.
 - routing plan alone: vs the same plan in PyTorch (one-hot bmm, nonzero per expert).
@@ -94,7 +94,7 @@ def space_inputs(device, dtype, B, N_x, C, F_, seed=0):
 
 
 def naive_space_moe(x, mask, route, gate, w1, b1, w2, b2):
-    """SPEC §2.4 as written: for every text token, its expert on the whole masked image (all N_y valid)."""
+    """Space-MoE as written: for every text token, its expert on the whole masked image (all N_y valid)."""
     out = torch.zeros_like(x)
     n_y = mask.shape[2]
     for b in range(x.shape[0]):

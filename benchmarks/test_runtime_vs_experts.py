@@ -49,7 +49,7 @@ def eager_cross_attention_mask(q, k, v, alpha=0.2, text_lengths=None, scale=None
 
 
 def naive_space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None):
-    """SPEC §2.4 as written: for each valid text token, its expert on the features its mask keeps."""
+    """Space-MoE as written: for each valid text token, its expert on the features its mask keeps."""
     out = torch.zeros_like(x)
     lengths = text_lengths.tolist() if text_lengths is not None else [route.shape[1]] * x.shape[0]
     for b, n in enumerate(lengths):

@@ -41,7 +41,7 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def(
       "cross_attention_mask_backward(Tensor? grad_out, Tensor? grad_attn_map, Tensor q, Tensor k, Tensor v, "
       "Tensor lse, Tensor? text_lengths, float scale) -> (Tensor, Tensor, Tensor)");
-  // Expert GEMMs (SPEC §3.2, csrc/common/moe.h). grouped_gemm: c[rows of g] = act(a[rows of g] @ b[g] + bias[g])
+  // Expert GEMMs (docs/kernels.md; csrc/common/moe.h). grouped_gemm: c[rows of g] = act(a[rows of g] @ b[g] + bias[g])
   // with offsets int32 [E] the cumulative row ends; rows past offsets[E-1] are zero.
   m.def("grouped_gemm(Tensor a, Tensor b, Tensor offsets, Tensor? bias=None, str? activation=None) -> Tensor");
   // (db [E, K, N], dbias [E, N]) with db[g] = a[rows of g]^T grad[rows of g]: grouped_gemm's weight gradient.

@@ -1,4 +1,4 @@
-"""Eager softmax cross-attention with the map and mask of SPEC §3.1: the independent reference of the
+"""Eager softmax cross-attention with the map and mask of docs/kernels.md: the independent reference of the
 cross_attention_mask tests (float64) and PyTorch's own same-dtype result for FlashAttention's error rule."""
 
 import math

@@ -1,4 +1,4 @@
-"""Shared by the expert-op tests: independent float64 references (SPEC §2.4 written as loops) and inputs."""
+"""Shared by the expert-op tests: independent float64 references (docs/kernels.md written as loops) and inputs."""
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ def expert(h, w1, b1, w2, b2, k):
 
 
 def naive_space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None):
-    """SPEC §2.4 as written: loop over text tokens, the chosen expert applied to the masked features. Keeps
+    """Space-MoE as written: loop over text tokens, the chosen expert applied to the masked features. Keeps
     autograd (used for reference gradients); call with float64 CPU tensors."""
     B, _, N_y = mask.shape
     out = x * 0  # keeps a graph even when no text token contributes

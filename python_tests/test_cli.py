@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from raphael_ext.__main__ import RESUME_OPTIONS, _config_options, build_parser, main
 from raphael_ext.evaluation.demo import demo_config

@@ -1,4 +1,4 @@
-"""cross_attention_mask (SPEC §3.1) against eager float64 attention, FlashAttention's error rule, the mask
+"""cross_attention_mask (docs/kernels.md) against eager float64 attention, FlashAttention's error rule, the mask
 contract, autograd, opcheck, torch.compile and argument errors."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""sigmoid_focal_loss (SPEC §3.3) against an independent float64 implementation of torchvision's formula."""
+"""sigmoid_focal_loss (docs/kernels.md) against an independent float64 implementation of torchvision's formula."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""grouped_gemm (SPEC §3.2) against a float64 loop over groups and torch.nn.functional.grouped_mm."""
+"""grouped_gemm (docs/kernels.md) against a float64 loop over groups and torch.nn.functional.grouped_mm."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""space_moe (SPEC §2.4) against the naive formula in float64: a loop over text tokens, each token's expert
+"""space_moe (docs/kernels.md) against the naive formula in float64: a loop over text tokens, each token's expert
 applied to the image features masked by that token's region."""
 
 import pytest
@@ -157,7 +157,7 @@ def test_each_token_visits_at_most_min_experts_text(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_plan_op(device):
-    """space_moe_plan is the forward's plan, and w/z are the per-token sums of SPEC §2.4."""
+    """space_moe_plan is the forward's plan, and w/z are the per-token sums of docs/kernels.md."""
     B, N_x, N_y, E = 2, 9, 6, 4
     x, mask, route, gate, w1, b1, w2, b2, lengths = make_space_inputs(B, N_x, N_y, 4, 4, E, torch.float32, device,
                                                                       density=0.5, lengths=[6, 3])

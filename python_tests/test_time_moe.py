@@ -1,4 +1,4 @@
-"""time_moe (SPEC §2.3, §3.2) against a float64 loop over samples."""
+"""time_moe (docs/kernels.md) against a float64 loop over samples."""
 
 import pytest
 import torch

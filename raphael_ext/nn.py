@@ -11,7 +11,7 @@ from .ops import cross_attention_mask, sigmoid_focal_loss, space_moe, time_moe
 
 class MaskedCrossAttention(nn.Module):
     """Cross-attention from image tokens to text tokens that also returns RAPHAEL's attention map and
-    space-MoE mask (SPEC §2.2), through the fused `cross_attention_mask` op.
+    space-MoE mask (docs/kernels.md), through the fused `cross_attention_mask` op.
 
     Parameter names follow diffusers' `Attention` used as cross-attention (`to_q`, `to_k`, `to_v` without
     bias, `to_out.0` with bias, `to_out.1` dropout), so a diffusers cross-attention state dict loads as is.
@@ -52,7 +52,7 @@ class MaskedCrossAttention(nn.Module):
 
 
 class EdgeFocalLoss(nn.Module):
-    """Edge-supervision loss of RAPHAEL (SPEC §2.5): focal loss between predicted edge logits and target edge
+    """Edge-supervision loss of RAPHAEL (docs/kernels.md): focal loss between predicted edge logits and target edge
     maps, applied only to samples whose diffusion timestep is <= t_cutoff (T_c = 500 in the paper); the mean
     runs over the elements of those samples, and a batch with none of them gives 0."""
 
@@ -170,7 +170,7 @@ class _ExpertLayer(nn.Module):
 
 
 class SpaceMoE(_ExpertLayer):
-    """RAPHAEL's space-MoE layer (SPEC §2.4): each valid text token picks an expert with the text gate FFN, and
+    """RAPHAEL's space-MoE layer (docs/kernels.md): each valid text token picks an expert with the text gate FFN, and
     that expert runs on the image region its mask selects; out = x + mean over text tokens.
 
     Args:
@@ -183,7 +183,7 @@ class SpaceMoE(_ExpertLayer):
         recompute: the backward recomputes the experts' hidden activations instead of keeping them from the
             forward (space_moe's recompute): less memory between the passes, one more GEMM; off by default (faster).
 
-    The residual x + ... is ours (SPEC gives the mixture only); it makes num_experts = 0 an identity.
+    The residual x + ... is ours (the paper gives the mixture only); it makes num_experts = 0 an identity.
     """
 
     def __init__(self, dim: int, text_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
@@ -213,7 +213,7 @@ class SpaceMoE(_ExpertLayer):
 
 
 class TimeMoE(_ExpertLayer):
-    """RAPHAEL's time-MoE layer (SPEC §2.3): the time gate FFN picks one expert per sample from the timestep
+    """RAPHAEL's time-MoE layer (docs/kernels.md): the time gate FFN picks one expert per sample from the timestep
     embedding; out = x + g * expert(x), with g = p / p.detach() (value 1) so the gate learns through p.
     num_experts = 0 turns the layer off (out = x). Arguments as SpaceMoE, with time_dim the embedding width."""
 

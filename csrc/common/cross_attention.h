@@ -1,4 +1,4 @@
-// Fused cross-attention-to-mask (SPEC §3.1): the argument validation shared by the CPU and CUDA
+// Fused cross-attention-to-mask (docs/kernels.md): the argument validation shared by the CPU and CUDA
 // launchers, and the few scalar rules both backends must apply identically (which keys are valid,
 // the scale, the mask threshold), so the two can only differ through rounding.
 #pragma once

@@ -1,4 +1,4 @@
-// Sigmoid focal loss (SPEC §3.3): the per-element math shared by the CPU and CUDA kernels, and the
+// Sigmoid focal loss (docs/kernels.md): the per-element math shared by the CPU and CUDA kernels, and the
 // argument validation shared by both launchers. Keeping one copy of the formula means the two
 // backends can only disagree through rounding, never through algebra.
 #pragma once

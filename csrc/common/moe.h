@@ -1,4 +1,4 @@
-// Expert GEMMs (SPEC §2.4, §3.2): argument checks, and the ops grouped_gemm, space_moe and
+// Expert GEMMs (docs/kernels.md): argument checks, and the ops grouped_gemm, space_moe and
 // space_moe_backward written once over a backend (csrc/cpu/moe_cpu.h, csrc/cuda/moe_cuda.h), so CPU
 // and CUDA run the same plan and can only differ in how each primitive is computed.
 //

@@ -1,4 +1,4 @@
-// time_moe (SPEC §2.3, §3.2): every sample through the expert its timestep chose. Written with
+// time_moe (docs/kernels.md): every sample through the expert its timestep chose. Written with
 // ATen ops and grouped_gemm, registered as CompositeImplicitAutograd, so CPU, CUDA, autograd,
 // fake tensors and torch.compile all come from those ops. Samples (whole [N, C] blocks, never
 // single tokens) are stably sorted by expert, so each expert's rows are contiguous and the grouped

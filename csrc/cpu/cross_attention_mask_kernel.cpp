@@ -1,4 +1,4 @@
-// CPU kernels of cross_attention_mask (SPEC §3.1).
+// CPU kernels of cross_attention_mask (docs/kernels.md).
 //
 // Forward: parallel over (sample, tile of kRows query rows). A task loops over the heads, so the head
 // mean is summed in a private [kRows, N_y] buffer and written once; the [B, H, N_x, N_y] probabilities

@@ -1,4 +1,4 @@
-// CPU kernel of sigmoid_focal_loss (SPEC §3.3): one pass over logits and targets that writes
+// CPU kernel of sigmoid_focal_loss (docs/kernels.md): one pass over logits and targets that writes
 // d(loss)/d(logit) and reduces the loss. Parallel over fixed-size chunks whose partial sums are
 // added in chunk order, so the result does not depend on the number of threads.
 #include "../common/focal_loss.h"

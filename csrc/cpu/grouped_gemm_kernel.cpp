@@ -1,4 +1,4 @@
-// CPU grouped GEMM (SPEC §3.2): the at::mm loop of csrc/common/moe.h (at::mm parallelises each call
+// CPU grouped GEMM (docs/kernels.md): the at::mm loop of csrc/common/moe.h (at::mm parallelises each call
 // itself), with the offsets read and checked on the host. space_moe's fused expert FFN is in
 // space_moe_kernel.cpp.
 #include "moe_cpu.h"

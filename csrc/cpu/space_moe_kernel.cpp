@@ -1,4 +1,4 @@
-// CPU kernels of space_moe (SPEC §2.4): the routing plan (counting sort of (token, expert) pairs into
+// CPU kernels of space_moe (docs/kernels.md): the routing plan (counting sort of (token, expert) pairs into
 // a CSR by expert), the expert FFN and its backward fused per block of grouped rows, and combine
 // (weighted reduction of the expert rows per token, plus sum_k z_jk c_k). Every output row or sum is
 // owned by one token or one block and reduced in a fixed order, so results do not depend on the

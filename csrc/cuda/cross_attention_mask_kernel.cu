@@ -1,4 +1,4 @@
-// CUDA kernels of cross_attention_mask (SPEC §3.1). Nothing here allocates [B, H, N_x, N_y].
+// CUDA kernels of cross_attention_mask (docs/kernels.md). Nothing here allocates [B, H, N_x, N_y].
 //
 // Forward (one block per tile of query rows of one sample, 4 warps, each warp owns 16 rows, or 8 rows
 // on the SIMT path, 4 where 8 would exceed the GPU's shared memory per block): the block loops over the heads; all keys and values of a head sit in shared

@@ -1,4 +1,4 @@
-// CUDA kernel of sigmoid_focal_loss (SPEC §3.3). One memory-bound pass reads logits and targets
+// CUDA kernel of sigmoid_focal_loss (docs/kernels.md). One memory-bound pass reads logits and targets
 // with 16-byte loads, writes d(loss)/d(logit) (and the per-element loss for reduction='none') and
 // leaves one partial sum per block; a one-block kernel adds the partials in a fixed order (so the
 // loss is deterministic) and applies the 'mean' normalisation. No host synchronisation: the op can

@@ -1,4 +1,4 @@
-// CUDA grouped GEMM (SPEC §3.2): picks the kernel per call. Hopper (sm_90a build) runs 16-bit types on
+// CUDA grouped GEMM (docs/kernels.md): picks the kernel per call. Hopper (sm_90a build) runs 16-bit types on
 // the CUTLASS 3.x pointer-array kernel (grouped_gemm_sm90.cu); sm_80 and later run 16-bit types, and
 // float32 as TF32 where PyTorch's flags allow TF32 matmuls, on CUTLASS 2.x GemmGrouped
 // (grouped_gemm_sm80.cu). Anything else (float64, float32 without TF32, K or N not a multiple of 16

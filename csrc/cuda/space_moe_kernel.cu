@@ -1,4 +1,4 @@
-// CUDA kernels of space_moe (SPEC §2.4), the same plan as csrc/cpu/space_moe_kernel.cpp: per-token
+// CUDA kernels of space_moe (docs/kernels.md), the same plan as csrc/cpu/space_moe_kernel.cpp: per-token
 // weights and pair flags, a counting sort of the (token, expert) pairs into a CSR by expert (a stable
 // scan over tokens, so pair order and results are deterministic), dispatch/combine between token rows
 // and grouped rows (one block per token, each token owns the rows it writes: no atomics), and pair_dot

@@ -1,4 +1,4 @@
-"""Edge maps: targets for RAPHAEL's edge supervision (SPEC §2.5) and control images for the canny ControlNet (paper
+"""Edge maps: targets for RAPHAEL's edge supervision and control images for the canny ControlNet (paper
 §7.8). A weight-free Sobel detector (edge supervision's default), Canny's detector (ControlNet's), and the HED detector
 of ControlNet's annotators (the paper's edge targets), whose weights a user gives as a local file.
 

@@ -83,7 +83,7 @@ class OpenCLIPTextEncoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """OpenCLIP text transformer: forward(input_ids [B, L]) -> (states [B, L, width], lengths [B]).
 
     lengths counts the tokens up to and including the (first) end-of-text token, which is also the pooled token whose
-    attention map drives edge supervision (SPEC §2.5); the rest is padding (`text_lengths` of the ops) and is set to
+    attention map drives edge supervision; the rest is padding (`text_lengths` of the ops) and is set to
     id 0 before the tower sees it, as open_clip's tokenizer pads.
 
     Args:

@@ -1,4 +1,4 @@
-"""The RAPHAEL U-Net (SPEC §2): ResNet blocks and RAPHAEL transformer blocks (self-attention → masked cross-attention
+"""The RAPHAEL U-Net: ResNet blocks and RAPHAEL transformer blocks (self-attention → masked cross-attention
 → time-MoE → space-MoE), plus the edge head of edge supervision.
 
 A diffusers model: `ModelMixin` (save_pretrained / from_pretrained folders, `torch_dtype`, gradient checkpointing),
@@ -175,7 +175,7 @@ class BlockAux:
 
 
 class RaphaelBlock(nn.Module):
-    """SPEC §2: self-attention → cross-attention (map + mask) → time-MoE → space-MoE, each pre-norm and residual."""
+    """Self-attention → cross-attention (map + mask) → time-MoE → space-MoE, each pre-norm and residual."""
 
     def __init__(self, dim: int, head_dim: int, text_dim: int, time_dim: int, alpha: float, dropout: float,
                  space_experts: int, time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool,

@@ -1,4 +1,4 @@
-"""Python entry points of the raphael_ext ops (SPEC §3); each module registers its op's autograd and fake kernels."""
+"""Python entry points of the raphael_ext ops (math: docs/kernels.md); each registers its autograd and fake kernels."""
 
 from .cross_attention_mask import cross_attention_mask
 from .focal_loss import sigmoid_focal_loss

@@ -1,4 +1,4 @@
-"""space_moe (SPEC §2.4): every text token's expert applied to its masked image region, averaged over the text."""
+"""space_moe (docs/kernels.md): every text token's expert applied to its masked image region, averaged over the text."""
 
 from typing import Optional, Tuple
 
@@ -35,7 +35,7 @@ def space_moe(
             (default, faster) keeps them from the forward; True recomputes them in the backward, one GEMM more
             for T x F less memory between the passes, like activation checkpointing. Same results either way.
 
-    Computed exactly as y_j = sum_k w_jk e_k(x_j) + sum_k z_jk e_k(0) (SPEC §2.4), so expert k runs only on
+    Computed exactly as y_j = sum_k w_jk e_k(x_j) + sum_k z_jk e_k(0) (docs/kernels.md), so expert k runs only on
     the image tokens some token routed to k covers: at most min(E, n_y) experts per image token. A sample
     with n_y = 0 gives 0. Gradients flow to x, gate, w1, b1, w2, b2.
     """
@@ -52,7 +52,7 @@ def space_moe_plan(
 
     offsets int32 [E]: cumulative pair counts per expert (the grouped GEMMs' row ends); pair_index int32
     [B*N_x, E]: the grouped row of pair (image token j, expert k), -1 where no valid text token routed to k
-    covers j; weight and z [B*N_x, E] (float32, float64 for float64 gates): w_jk and z_jk of SPEC §2.4.
+    covers j; weight and z [B*N_x, E] (float32, float64 for float64 gates): w_jk and z_jk of docs/kernels.md.
     """
     return torch.ops.raphael_ext.space_moe_plan(mask, route, gate, text_lengths, num_experts)
 

@@ -1,4 +1,4 @@
-"""Training RAPHAEL (SPEC §2.5): L = L_denoise + L_edge (only for t <= T_c) + an optional balance loss; AdamW with the
+"""Training RAPHAEL: L = L_denoise + L_edge (only for t <= T_c) + an optional balance loss; AdamW with the
 paper's defaults and linear warm-up, EMA weights, caption dropout for classifier-free guidance, multi-scale buckets,
 DDP through torchrun or FSDP2 (training/distributed.py), checkpoints that resume exactly (training/checkpoints.py).
 Small and readable, in the spirit of DiT's train.py. What is trained:

@@ -1,4 +1,4 @@
-"""Forward of cross_attention_mask (SPEC §3.1) in Triton: one program per (tile of BLOCK_M queries, sample)
+"""Forward of cross_attention_mask (docs/kernels.md) in Triton: one program per (tile of BLOCK_M queries, sample)
 loops over the heads, with all keys of a head in one BLOCK_N tile, so each softmax is final after one pass;
 the head mean stays in registers and the column max is one float atomic max per column and tile (the
 probabilities are >= 0). The mask is a second, elementwise pass."""
