@@ -49,8 +49,9 @@ def eager_cross_attention_mask(q, k, v, alpha=0.2, text_lengths=None, scale=None
     return probs @ v, attn_map, mask
 
 
-def naive_space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None):
-    """Space-MoE as written: for each valid text token, its expert on the features its mask keeps."""
+def naive_space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths=None, recompute=False):
+    """Space-MoE as written: for each valid text token, its expert on the features its mask keeps (`recompute`, how
+    the op keeps its hidden activations for a backward, does not apply)."""
     out = torch.zeros_like(x)
     lengths = text_lengths.tolist() if text_lengths is not None else [route.shape[1]] * x.shape[0]
     for b, n in enumerate(lengths):
