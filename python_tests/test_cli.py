@@ -120,8 +120,8 @@ def test_a_users_mistake_is_one_line_and_status_2(capsys, tmp_path, argv, words)
 
 
 def test_usage_errors_print_no_traceback_from_a_real_process(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "raphael_ext", "sample", "--pipeline", str(tmp_path / "nowhere"),
-                             "--prompt", "a red circle", "--out", str(tmp_path / "a.png")],
+    result = subprocess.run([sys.executable, "-P", "-m", "raphael_ext", "sample", "--pipeline",
+                             str(tmp_path / "nowhere"), "--prompt", "a red circle", "--out", str(tmp_path / "a.png")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -158,5 +158,5 @@ def test_a_missing_extra_is_named():
                "sys.meta_path.insert(0, Block())\n")
     code = blocker + ("try:\n    import raphael_ext.evaluation.analysis\nexcept ImportError as error:\n"
                       "    print(error)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
     assert "pip install 'raphael_ext[eval]'" in result.stdout, result.stdout + result.stderr[-2000:]
