@@ -74,7 +74,7 @@ else
   echo "$STAMP" > .device/stamp
 fi
 say ".device: $(du -sh .device | cut -f1), .whl: $(du -sh .whl | cut -f1)"
-travel=$(( $(du -sb .device | cut -f1) + $(du -sb .whl | cut -f1) + $(git ls-files -z | xargs -0 du -cb | tail -n1 | cut -f1) ))
+travel=$(( $(du -sb .device | cut -f1) + $(du -sb .whl | cut -f1) + $(git ls-files -z | du -cb --files0-from=- | tail -n1 | cut -f1) ))
 (( travel < 60 * 1024 * 1024 )) || { echo "device_prebuild: $travel bytes would travel, over 60 MiB"; exit 1; }
 
 if [[ ${1:-} != --no-rehearse ]]; then

@@ -15,10 +15,13 @@
 #   setup       wheels (--no-deps --target, as the image needs), _C (prebuilt or built), build_info checks
 #               (CUTLASS present, sm_90a kernels on a Hopper GPU), no test module skipped for a missing module
 #   tests       every CUDA test (no -x: --maxfail and a per-test timeout), junit XML
-#   sanitizer   compute-sanitizer memcheck on a small case of every kernel, racecheck on attention and space_moe
 #   benchmarks  every CUDA benchmark against its peers (incl. Fig. 6c at paper widths), JSON; fails if the
 #               runtime-vs-experts study did not run
 #   summary     markdown table and plots
+#   sanitizer   compute-sanitizer memcheck on a small case of every kernel, racecheck on attention (its
+#               shared-memory tiles); last, so that the results above come back first
+# A stage that reaches its limit is interrupted with SIGINT, so pytest still writes its summary (-rfE names every
+# failure), its junit XML and its benchmark JSON.
 # Files in $OUT: gpu_check.log, logs.tar.gz, TAG-cuda-tests.xml, TAG-bench.json, TAG-bench.png,
 # TAG-bench-runtime_vs_experts.png, TAG-summary.md (TAG = date and GPU name). Commit them under
 # benchmarks/results/. Exit status: 0 when every stage passed.
@@ -51,7 +54,8 @@ stage() {
   local name=$1 limit=$2
   shift 2
   stamp "stage $name (limit ${limit}s)"
-  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG" "$WORK/logs/$name.log"
+  # SIGINT, not SIGTERM: pytest then still writes its failure summary, junit XML and benchmark JSON.
+  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$LOG" "$WORK/logs/$name.log"
   local status=${PIPESTATUS[0]}
   if (( status == 124 || status == 137 )); then
     FAILED+=("$name (timed out after ${limit}s)")
@@ -142,31 +146,21 @@ stage collect 90 bash -c collect_and_check || finish
 
 # --- tests ----------------------------------------------------------------------------------------------------
 if (( REHEARSE )); then
-  stage tests 1800 "$PYTHON" -P -m pytest python_tests -q -p no:cacheprovider -m "not cuda" --timeout 600 \
-    --junitxml="$OUT/$TAG-cpu-tests.xml"
+  stage tests 1800 "$PYTHON" -P -m pytest python_tests -q -rfE --continue-on-collection-errors -p no:cacheprovider \
+    -m "not cuda" --timeout 600 --junitxml="$OUT/$TAG-cpu-tests.xml"
 else
-  stage tests 150 "$PYTHON" -P -m pytest python_tests -q -p no:cacheprovider -m cuda --timeout 90 --maxfail 30 \
-    --durations 10 --junitxml="$OUT/$TAG-cuda-tests.xml"
-fi
-
-# --- sanitizer ------------------------------------------------------------------------------------------------
-if (( REHEARSE )); then
-  stamp "stage sanitizer: skipped in a rehearsal (no GPU); the case script itself runs on the CPU"
-  stage sanitizer-cases 120 "$PYTHON" -P scripts/sanitize_kernels.py --device cpu
-else
-  # One cudaMalloc per tensor, so an access past a tensor's end is outside every allocation.
-  stage sanitizer-memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-    --error-exitcode 1 --print-limit 20 "$PYTHON" -P scripts/sanitize_kernels.py
-  stage sanitizer-racecheck 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
-    --error-exitcode 1 --print-limit 20 "$PYTHON" -P scripts/sanitize_kernels.py attention space_moe
+  stage tests 150 "$PYTHON" -P -m pytest python_tests -q -rfE --continue-on-collection-errors -p no:cacheprovider \
+    -m cuda --timeout 90 --maxfail 30 --durations 10 --junitxml="$OUT/$TAG-cuda-tests.xml"
 fi
 
 # --- benchmarks -----------------------------------------------------------------------------------------------
 if (( REHEARSE )); then
-  stage benchmarks 900 "$PYTHON" -P -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable
+  stage benchmarks 900 "$PYTHON" -P -m pytest benchmarks -q -rfE --continue-on-collection-errors -p no:cacheprovider \
+    --benchmark-disable
 else
   BENCH=$OUT/$TAG-bench.json
-  stage benchmarks 150 "$PYTHON" -P -m pytest benchmarks -q -p no:cacheprovider -k cuda --benchmark-json="$BENCH"
+  stage benchmarks 150 "$PYTHON" -P -m pytest benchmarks -q -rfE --continue-on-collection-errors -p no:cacheprovider \
+    -k cuda --benchmark-json="$BENCH"
   stage study-ran 30 "$PYTHON" -c '
 import json, sys
 rows = [b for b in json.load(open(sys.argv[1]))["benchmarks"]
@@ -179,4 +173,17 @@ sys.exit(0 if rows else 1)' "$BENCH"
     '$PYTHON' benchmarks/plot_runtime_vs_experts.py '$BENCH' >> '$OUT/$TAG-summary.md'; status=\$?; \
     cat '$OUT/$TAG-summary.md'; exit \$status"
 fi
+
+# --- sanitizer (last: the figures above come back even when it runs out of time) ------------------------------------------------------------------------------------------------
+if (( REHEARSE )); then
+  stamp "stage sanitizer: skipped in a rehearsal (no GPU); the case script itself runs on the CPU"
+  stage sanitizer-cases 120 "$PYTHON" -P scripts/sanitize_kernels.py --device cpu
+else
+  # One cudaMalloc per tensor, so an access past a tensor's end is outside every allocation.
+  stage sanitizer-memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    --error-exitcode 1 --print-limit 20 "$PYTHON" -P scripts/sanitize_kernels.py
+  stage sanitizer-racecheck 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
+    --error-exitcode 1 --print-limit 20 "$PYTHON" -P scripts/sanitize_kernels.py attention
+fi
+
 finish
