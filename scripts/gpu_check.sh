@@ -174,7 +174,7 @@ sys.exit(0 if rows else 1)' "$BENCH"
     cat '$OUT/$TAG-summary.md'; exit \$status"
 fi
 
-# --- sanitizer (last: the figures above come back even when it runs out of time) ------------------------------------------------------------------------------------------------
+# --- sanitizer (last: the results above come back even when it runs out of time) ---------------------------------
 if (( REHEARSE )); then
   stamp "stage sanitizer: skipped in a rehearsal (no GPU); the case script itself runs on the CPU"
   stage sanitizer-cases 120 "$PYTHON" -P scripts/sanitize_kernels.py --device cpu
