@@ -33,6 +33,16 @@ def run(benchmark):
     return timed
 
 
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Drop the benchmark an interrupt (Ctrl-C, a time limit's SIGINT) cut before its first round: pytest-benchmark
+    would fail on its empty statistics and write no JSON at all, losing the benchmarks that did finish."""
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if bench_session is not None:
+        bench_session.benchmarks[:] = [b for b in bench_session.benchmarks if b.stats.data]
+    yield
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or session.disabled:

@@ -7,7 +7,7 @@
 #   3. .device/: raphael_ext._C built for sm_90a against that torch (debug info stripped) and its stamp;
 #   4. the rehearsal: scripts/gpu_check.sh --rehearse in that venv (collection with no module skipped for a
 #      missing module, the CPU tests, the benchmarks once), and the size of what must travel (< 60 MiB).
-# Then, with the workplace's device tool:  run  command "scripts/gpu_check.sh"  carry [".whl", ".device"].
+# Then, with the workplace's device tool:  run  command "scripts/gpu_check.sh"  carry [".whl", ".device"]  timeout_s 480.
 #
 # Usage: scripts/device_prebuild.sh [--no-rehearse]     (PY312=/path/to/python3.12 to choose the interpreter)
 set -euo pipefail
@@ -81,4 +81,4 @@ if [[ ${1:-} != --no-rehearse ]]; then
   say "rehearsal: scripts/gpu_check.sh --rehearse in $VENV"
   PYTHON=$VPY OUT=build/device-rehearsal scripts/gpu_check.sh --rehearse
 fi
-say "ready: $(( travel / 1024 / 1024 )) MiB travel; on the GPU machine run scripts/gpu_check.sh with carry [\".whl\", \".device\"]"
+say "ready: $(( travel / 1024 / 1024 )) MiB travel; on the GPU machine run scripts/gpu_check.sh with carry [\".whl\", \".device\"], timeout_s 480"
