@@ -97,26 +97,47 @@ def write_shards(folder, shards=4, per_shard=5, broken=()):
     return f"{folder}/shard-{{000..{shards - 1:03d}}}.tar"
 
 
-def captions(stream, n):
-    samples, failures = stream.take(n)
-    return [c for _, c in samples], failures
+def sizes(step):
+    """A stand-in for the trainer's bucket schedule: a size that differs from step to step."""
+    return (8, 12) if step % 2 else (16, 8)
+
+
+def captions(stream, steps):
+    """Captions of the batches of `steps`, after checking each batch's size and range; and the samples skipped."""
+    seen, failures = [], 0
+    for step in steps:
+        images, batch_captions, skipped = stream.batch(step)
+        assert images.shape == (stream.batch_size, 3, *sizes(step)) and images.dtype == torch.float32
+        assert images.min() >= -1 and images.max() <= 1
+        seen += batch_captions
+        failures += skipped
+    return seen, failures
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_shard_stream_resumes_exactly(tmp_path, workers):
-    """Across an epoch boundary and with data-loader workers: a stream rebuilt from state() continues with exactly the
-    samples the uninterrupted one reads next; broken samples are skipped and counted."""
+    """Across an epoch boundary and with data-loader workers (which decode and resize each step's batch to the step's
+    size): a stream rebuilt from state() continues with exactly the samples the uninterrupted one reads next; broken
+    samples are skipped and counted."""
     pattern = write_shards(tmp_path / "shards", broken={"001_002"})
-    whole = ShardStream(pattern, workers=workers, seed=3)
-    first, failures = captions(whole, 13)
-    rest, more = captions(whole, 15)  # 19 good samples per epoch: this crosses into epoch 1
+    whole = ShardStream(pattern, 3, sizes, workers=workers, seed=3)
+    first, failures = captions(whole, range(4))
+    rest, more = captions(whole, range(4, 9))  # 19 good samples per epoch: this crosses into epoch 1
     assert failures + more >= 1 and "sample 001_002" not in first + rest
-    assert len(set(first)) == 13 and set(first) | set(rest) >= {f"sample {s:03d}_{i:03d}" for s in range(4)
+    assert len(set(first)) == 12 and set(first) | set(rest) >= {f"sample {s:03d}_{i:03d}" for s in range(4)
                                                                  for i in range(5)} - {"sample 001_002"}
-    again = ShardStream(pattern, workers=workers, seed=3)
-    assert captions(again, 13)[0] == first
-    resumed = ShardStream(pattern, workers=workers, seed=3, state=json.loads(json.dumps(again.state())))
-    assert captions(resumed, 15)[0] == rest
+    again = ShardStream(pattern, 3, sizes, workers=workers, seed=3)
+    assert captions(again, range(4))[0] == first
+    resumed = ShardStream(pattern, 3, sizes, workers=workers, seed=3, state=json.loads(json.dumps(again.state())))
+    assert captions(resumed, range(4, 9))[0] == rest
+    with pytest.raises(ValueError, match="consecutive steps"):
+        resumed.batch(11)
+
+
+def test_shard_stream_skips_images_below_the_minimum_size(tmp_path):
+    pattern = write_shards(tmp_path / "shards", shards=1, per_shard=4)
+    with pytest.raises(ValueError, match="no usable sample"):  # every image is 24 px: an error, not an endless loop
+        ShardStream(pattern, 2, sizes, min_size=32).batch(0)
 
 
 def test_shards_are_dealt_to_ranks_and_workers():

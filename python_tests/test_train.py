@@ -105,6 +105,24 @@ def test_edge_loss_only_for_small_timesteps(tmp_path):
     assert all(always.train_step(s)["edge"] > 0.0 for s in range(3))
 
 
+def test_compiled_training_step_matches_eager(tmp_path):
+    """--compile: the U-Net compiled in place computes the step's loss and gradients as eager does, through the ops'
+    fake kernels and autograd formulas (aot_eager: traced, no code generated, so the test stays quick), and keeps its
+    state-dict names. inductor's run on the demo's model is timed in benchmarks/test_train_step.py."""
+    eager = Trainer(config(tmp_path / "eager", steps=2), device="cpu")
+    compiled = Trainer(config(tmp_path / "compiled", steps=2, compile="aot_eager"), device="cpu")
+    assert compiled.unet._compiled_call_impl is not None and eager.unet._compiled_call_impl is None
+    for step in range(2):
+        expected, got = eager.compute_gradients(step), compiled.compute_gradients(step)
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5), (step, expected, got)
+        for (name, a), b in zip(eager.unet.named_parameters(), compiled.unet.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert compiled.unet.state_dict().keys() == eager.unet.state_dict().keys()
+    with pytest.raises(ValueError, match="compile must be one of"):
+        Trainer(config(tmp_path / "bad", compile="yes"), device="cpu")
+
+
 def test_resume_continues_exactly(tmp_path):
     full = Trainer(config(tmp_path, steps=6, checkpoint_every=3, keep_last=5), device="cpu")
     history = full.train()

@@ -25,8 +25,8 @@ import torch
 
 
 # What `train --resume` may change: how and where the run goes on, never what it trains.
-RESUME_OPTIONS = ("steps", "fsdp", "vae", "data_workers", "checkpoint_every", "sample_every", "log_every", "keep_last",
-                  "max_nonfinite_steps", "validation_prompt")
+RESUME_OPTIONS = ("steps", "fsdp", "vae", "data_workers", "compile", "checkpoint_every", "sample_every", "log_every",
+                  "keep_last", "max_nonfinite_steps", "validation_prompt")
 
 
 class UsageError(Exception):

@@ -173,16 +173,26 @@ def fit_image(image: Image.Image, height: int, width: int) -> Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def check_image(data: Union[Path, bytes], min_size: int) -> Optional[str]:
-    """Why an image cannot be used (None if it can): unreadable, truncated, or shorter side below min_size."""
+def load_image(data: Union[Path, bytes], min_size: int) -> Tuple[Optional[Image.Image], Optional[str]]:
+    """(the decoded image, None), or (None, why it cannot be used): unreadable, truncated, or shorter side below
+    min_size. Every pixel is decoded, so a truncated file fails here and not later in training."""
     try:
-        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel: a truncated file fails here, not only in verify()
-            if min(image.size) < min_size:
-                return f"too small ({image.width}x{image.height} < {min_size} px)"
+        image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
+        image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return f"unreadable image ({type(error).__name__}: {str(error)[:80]})"
-    return None
+        return None, f"unreadable image ({type(error).__name__}: {str(error)[:80]})"
+    if min(image.size) < min_size:
+        image.close()
+        return None, f"too small ({image.width}x{image.height} < {min_size} px)"
+    return image, None
+
+
+def check_image(data: Union[Path, bytes], min_size: int) -> Optional[str]:
+    """Why an image cannot be used (None if it can); see load_image."""
+    image, reason = load_image(data, min_size)
+    if image is not None:
+        image.close()
+    return reason
 
 
 class FolderDataset(Dataset):
@@ -261,4 +271,4 @@ class FolderDataset(Dataset):
 
 __all__ = ["COLORS", "EXTRA_COLORS", "PALETTE", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset",
            "FolderDataset", "caption", "relation", "render",
-           "sample_scene", "shape_mask", "fit_image", "check_image"]
+           "sample_scene", "shape_mask", "fit_image", "check_image", "load_image"]

@@ -2,9 +2,11 @@
 `--data "data/shard-{000000..000099}.tar"`. Each sample is an image (jpg, png or webp) with a same-key txt caption.
 
 The shards are streamed, never listed whole: every epoch they are shuffled (seeded) and dealt out to the ranks, and
-each rank's share to its data-loader workers (`workers` processes decode in parallel; 0 decodes in the trainer's own
-process). The trainer draws `n` samples per step with take(n) and resizes them to the step's bucket, so buckets work
-as for a folder. Samples that fail to decode or lack a caption are skipped and counted.
+each rank's share to its data-loader workers. A worker delivers whole batches: it reads the next `batch_size` usable
+samples of its share, decodes each image once and resizes it to the size of the step the batch is for (`sizes`,
+the trainer's bucket of each step), so the trainer's process only stacks what arrives. With `workers` processes,
+worker w prepares the batches of every w-th step, ahead of the step that needs them; 0 workers decode in the
+trainer's own process. Samples that fail to decode, are too small or lack a caption are skipped and counted.
 
 Resume is exact: the stream's position (per worker: epoch, shard, samples read in it; and which worker comes next)
 is part of every checkpoint, so a resumed run reads the very samples the uninterrupted one would have, as long as the
@@ -12,18 +14,18 @@ number of ranks and workers is the same. With other numbers it restarts at the s
 granularity at the epoch's boundary), and says so.
 """
 
-import io
 import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
-from PIL import Image
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .._optional import missing_extra
-from .data import check_image
+from .data import fit_image, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +65,49 @@ def shards_of(urls: List[str], epoch: int, seed: int, rank: int, world: int, str
 
 
 class _StreamDataset(IterableDataset):
-    """Yields (image bytes, caption, key, stream, position after this sample, failures skipped before it) forever.
-    Worker w of the DataLoader reads logical stream (w + rotation) % streams, so that after a resume the DataLoader's
-    round-robin (which starts at worker 0) continues with the stream that was next."""
+    """Yields the batches of steps first_step + j * streams + w, where w is the DataLoader worker's id (0 without
+    workers), forever: (step, images [n, 3, H, W] in [-1, 1], captions, keys, stream, position after the batch,
+    samples skipped in it). Worker w reads logical stream (w + rotation) % streams, so that after a resume the
+    DataLoader's round-robin (which starts at worker 0) continues with the stream that was next."""
 
-    def __init__(self, urls, seed, rank, world, streams, positions: List[StreamPosition], rotation: int, min_size: int):
+    def __init__(self, urls, seed, rank, world, streams, positions: List[StreamPosition], rotation: int, min_size: int,
+                 batch_size: int, sizes: Callable[[int], Tuple[int, int]], first_step: int):
         self.urls, self.seed, self.rank, self.world = urls, seed, rank, world
         self.streams, self.positions, self.rotation, self.min_size = streams, positions, rotation, min_size
+        self.batch_size, self.sizes, self.first_step = batch_size, sizes, first_step
 
     def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = (worker + self.rotation) % self.streams
+        position = StreamPosition(**asdict(self.positions[stream]))
+        samples = self._samples(stream, position)
+        step = self.first_step + worker
+        usable_epoch = position.epoch  # the epoch of the last usable sample: a whole epoch without one is an error
+        while True:
+            height, width = self.sizes(step)
+            images, captions, keys, failures = [], [], [], 0
+            while len(images) < self.batch_size:
+                data, caption, key = next(samples)
+                image, _ = load_image(data, self.min_size) if data is not None and caption else (None, None)
+                if image is None:
+                    failures += 1
+                    if position.epoch > usable_epoch + 1:
+                        raise ValueError(f"shards: a whole epoch of rank {self.rank}'s stream {stream} has no usable "
+                                         f"sample (an image of at least {self.min_size} px with a caption)")
+                    continue
+                usable_epoch = position.epoch
+                with image:
+                    images.append(fit_image(image, height, width))
+                captions.append(caption)
+                keys.append(key)
+            yield step, torch.stack(images), captions, keys, stream, StreamPosition(**asdict(position)), failures
+            step += self.streams
+
+    def _samples(self, stream: int, position: StreamPosition) -> Iterator[Tuple[Optional[bytes], str, str]]:
+        """(image bytes or None, caption, key) of every sample of the stream from `position` on, which it advances."""
         import webdataset as wds
 
-        info = get_worker_info()
-        stream = ((info.id if info is not None else 0) + self.rotation) % self.streams
-        position = StreamPosition(**asdict(self.positions[stream]))
-        failures = 0
         empty_epochs = 0
         while True:
             shards = shards_of(self.urls, position.epoch, self.seed, self.rank, self.world, stream, self.streams)
@@ -96,34 +126,35 @@ class _StreamDataset(IterableDataset):
                     position.offset = index + 1
                     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
                     caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
-                    if image is None or not caption or check_image(image, self.min_size) is not None:
-                        failures += 1
-                        continue
-                    yield image, caption, sample["__key__"], stream, StreamPosition(**asdict(position)), failures
-                    failures = 0
+                    yield image, caption, sample["__key__"]
                 position.shard += 1
                 position.offset = 0
-            position = StreamPosition(epoch=position.epoch + 1)
+            position.epoch, position.shard, position.offset = position.epoch + 1, 0, 0
 
 
 class ShardStream:
-    """take(n) -> (list of (PIL image, caption), failures skipped) from this rank's share of the shards; state() /
-    the `state` argument carry the position through checkpoints (see the module docstring)."""
+    """batch(step) -> (images [batch_size, 3, H, W] in [-1, 1] at sizes(step), captions, samples skipped) from this
+    rank's share of the shards, for consecutive steps; state() / the `state` argument carry the position through
+    checkpoints (see the module docstring)."""
 
-    def __init__(self, pattern: str, rank: int = 0, world: int = 1, workers: int = 0, seed: int = 0,
-                 min_size: int = 0, state: Optional[dict] = None):
+    def __init__(self, pattern: str, batch_size: int, sizes: Callable[[int], Tuple[int, int]], rank: int = 0,
+                 world: int = 1, workers: int = 0, seed: int = 0, min_size: int = 0, state: Optional[dict] = None):
         self.urls = expand_shards(pattern)
         missing = [u for u in self.urls if "://" not in u and not _exists(u)]
         if missing:
             raise FileNotFoundError(f"shards: {len(missing)} of {len(self.urls)} shards do not exist, "
                                     f"e.g. {missing[0]}")
+        if batch_size < 1:
+            raise ValueError(f"shards: batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.sizes = batch_size, sizes
         self.rank, self.world, self.workers, self.seed, self.min_size = rank, world, workers, seed, min_size
         self.streams = max(1, workers)
         self.positions = [StreamPosition() for _ in range(self.streams)]
-        self.next_stream = 0  # the logical stream the next sample comes from
+        self.next_stream = 0  # the logical stream the next batch comes from
         if state is not None:
             self._restore(state)
         self._iterator = None
+        self._next_step: Optional[int] = None
 
     def _restore(self, state: dict) -> None:
         if state.get("world") == self.world and state.get("streams") == self.streams:
@@ -142,28 +173,28 @@ class ShardStream:
         return {"world": self.world, "streams": self.streams, "next_stream": self.next_stream,
                 "positions": [asdict(p) for p in self.positions]}
 
-    def _samples(self) -> Iterator:
+    def _batches(self, first_step: int) -> Iterator:
         if self._iterator is None:
             dataset = _StreamDataset(self.urls, self.seed, self.rank, self.world, self.streams, self.positions,
-                                     self.next_stream, self.min_size)
+                                     self.next_stream, self.min_size, self.batch_size, self.sizes, first_step)
             if self.workers > 0:
                 loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=True)
                 self._iterator = iter(loader)
             else:
                 self._iterator = iter(dataset)
+            self._next_step = first_step
         return self._iterator
 
-    def take(self, n: int) -> Tuple[List[Tuple[Image.Image, str]], int]:
-        samples, failures = [], 0
-        iterator = self._samples()
-        for _ in range(n):
-            data, caption, _, stream, position, skipped = next(iterator)
-            assert stream == self.next_stream, "shards: the data loader left its round-robin order"
-            self.positions[stream] = position
-            self.next_stream = (stream + 1) % self.streams
-            failures += int(skipped)
-            samples.append((Image.open(io.BytesIO(data)), caption))
-        return samples, failures
+    def batch(self, step: int) -> Tuple[Tensor, List[str], int]:
+        if self._next_step is not None and step != self._next_step:
+            raise ValueError(f"shards: batches are read for consecutive steps; step {self._next_step} comes next, "
+                             f"not {step}")
+        produced, images, captions, _, stream, position, failures = next(self._batches(step))
+        assert produced == step and stream == self.next_stream, "shards: the data loader left its round-robin order"
+        self.positions[stream] = position
+        self.next_stream = (stream + 1) % self.streams
+        self._next_step = step + 1
+        return images, captions, failures
 
 
 def _exists(path: str) -> bool:

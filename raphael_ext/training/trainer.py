@@ -48,7 +48,7 @@ from ..nn import EdgeFocalLoss
 from ..pipelines.pipeline_raphael import RaphaelPipeline, default_scheduler, load_vae, vae_shift, vae_stride
 from .checkpoints import Checkpoints, CheckpointError, checkpoint_folders
 from ..pipelines.grid import image_grid
-from .data import HELD_OUT_SEED, FolderDataset, ShapesDataset, fit_image
+from .data import HELD_OUT_SEED, FolderDataset, ShapesDataset
 from .shards import ShardStream, is_shard_pattern
 from .distributed import any_rank, rank_and_world, shard
 
@@ -63,6 +63,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LR_SCHEDULES = ("constant", "cosine", "linear")  # TrainConfig.lr_schedule: after the warm-up
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # TrainConfig.timestep_sampling
 PRECISIONS = ("auto", "bf16", "fp32")  # TrainConfig.precision
+# TrainConfig.compile: torch.compile backends, as accelerate's --dynamo_backend ("none": eager).
+COMPILE_BACKENDS = ("none", "inductor", "aot_eager")
 PAPER_WARMUP_STEPS = 20000
 # What SLURM (scancel, --signal, often USR1), Kubernetes and most schedulers send a while before they kill a job.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -88,6 +90,27 @@ class ConfigError(ValueError):
 class DivergenceError(RuntimeError):
     """Training diverged: non-finite losses or gradients for max_nonfinite_steps steps in a row, or weights that are
     not finite (never written)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketSchedule:
+    """The image size of every step: one of `buckets` drawn first from the step's generator, halved (kept a multiple
+    of `multiple`) for the first `low_res_steps`. Plain data, so that data-loader workers can resize a step's images
+    ahead of it."""
+
+    seed: int
+    buckets: Tuple[Tuple[int, int], ...]
+    low_res_steps: int
+    multiple: int
+
+    def __call__(self, step: int, generator: Optional[torch.Generator] = None) -> Tuple[int, int]:
+        """(height, width) of `step`; `generator`: the step's own, when the caller draws more from it."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(_seed(self.seed, step))
+        height, width = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=generator))]
+        if step < self.low_res_steps:
+            height, width = (max(self.multiple, size // 2 // self.multiple * self.multiple) for size in (height, width))
+        return height, width
 
 
 def buckets(sample_size: int, multiple: int) -> List[Tuple[int, int]]:
@@ -144,6 +167,10 @@ class TrainConfig:
     lr_schedule: str = _option("constant", "after the warm-up: constant (the paper's) or a cosine or linear decay "
                                            "to 0 at --steps", choices=LR_SCHEDULES)
     grad_clip: float = _option(1.0, "clip the gradients' global norm to this (0: no clipping)")
+    compile: str = _option("none", "torch.compile the U-Net (or the ControlNet) of the training step with this "
+                                   "backend: inductor (generated kernels; pays off in long runs with few image sizes, "
+                                   "docs/performance.md), aot_eager (traced, not generated: checks that a model "
+                                   "compiles)", choices=COMPILE_BACKENDS)
     precision: str = _option("auto", "auto: bf16 autocast on GPUs, float32 on CPUs; bf16: autocast everywhere; fp32",
                              choices=PRECISIONS)
     ema_decay: float = _option(0.999, "decay of the EMA weights that the saved pipeline holds")
@@ -250,6 +277,8 @@ class Trainer:
         # Without a process group there is nothing to shard over: fsdp=True then trains like one DDP rank.
         self.sharded = config.fsdp and dist.is_initialized()
         self.forward_models = self._distribute()
+        if config.compile != "none":  # in place (nn.Module.compile): state-dict names and DDP/FSDP wrappers unchanged
+            (self.controlnet or self.unet).compile(backend=config.compile)
         groups = [{"params": [p for k, m in self.trained.items() if k != "text_encoder" for p in m.parameters()
                               if p.requires_grad], "lr": config.lr}]
         if "text_encoder" in self.trained:
@@ -263,9 +292,10 @@ class Trainer:
         self.out = Path(config.out)
         self._tensorboard = None  # a SummaryWriter once created, False when tensorboard is not installed
         size = self.unet.config.sample_size * self.vae_stride  # in pixels
-        self.dataset = self._dataset(size)
         multiple = self.unet.sample_stride * self.vae_stride
-        self.buckets = buckets(size, multiple) if config.multiscale else [(size, size)]
+        self.sizes = BucketSchedule(config.seed, tuple(buckets(size, multiple) if config.multiscale else [(size, size)]),
+                                    config.low_res_steps, multiple)
+        self.dataset = self._dataset(size)
         self.step = 0
         self.last_checkpoint: Optional[Path] = None  # the newest checkpoint of this run (written or resumed)
         self.stop_signal: Optional[str] = None  # the first preemption signal received while train() runs
@@ -292,6 +322,8 @@ class Trainer:
                              f"{config.timestep_sampling!r}")
         if config.logit_std <= 0:
             raise ConfigError(f"Trainer: logit_std must be positive, got {config.logit_std}")
+        if config.compile not in COMPILE_BACKENDS:
+            raise ConfigError(f"Trainer: compile must be one of {COMPILE_BACKENDS}, got {config.compile!r}")
         if config.precision not in PRECISIONS:
             raise ConfigError(f"Trainer: precision must be one of {PRECISIONS}, got {config.precision!r}")
         if config.controlnet and config.train_text_encoder:
@@ -400,7 +432,8 @@ class Trainer:
         if config.data == "shapes":
             return ShapesDataset(config.dataset_size, size, seed=config.seed)
         if is_shard_pattern(config.data):
-            return ShardStream(config.data, self.rank, self.world, config.data_workers, config.seed,
+            share = len(range(self.rank, config.batch_size, self.world))
+            return ShardStream(config.data, share, self.sizes, self.rank, self.world, config.data_workers, config.seed,
                                min_size=size // 2, state=stream_state)
         # Rank 0 decodes the folder once and shares what it found, rather than every rank decoding every image.
         scan = [FolderDataset(config.data, size).scan() if self.rank == 0 else None]
@@ -418,18 +451,15 @@ class Trainer:
         """This rank's share of the global batch of `step`: one bucket for the whole batch. An item that fails to load
         (a file changed on disk, a broken sample in a shard) is replaced by the next one and counted."""
         g = torch.Generator().manual_seed(_seed(self.config.seed, step))
-        height, width = self.buckets[int(torch.randint(len(self.buckets), (1,), generator=g))]
-        if step < self.config.low_res_steps:  # half the size, kept a multiple of what the U-Net needs
-            multiple = self.unet.sample_stride * self.vae_stride
-            height, width = (max(multiple, size // 2 // multiple * multiple) for size in (height, width))
+        height, width = self.sizes(step, g)
         indices = torch.randint(len(self.dataset), (self.config.batch_size,), generator=g).tolist() \
             if not isinstance(self.dataset, ShardStream) else [0] * self.config.batch_size
         dropped = (torch.rand(self.config.batch_size, generator=g) < self.config.caption_dropout).tolist()
         share = slice(self.rank, None, self.world)
         failures = 0
-        if isinstance(self.dataset, ShardStream):
-            samples, failures = self.dataset.take(len(indices[share]))
-            items = [{"image": fit_image(image, height, width), "caption": caption} for image, caption in samples]
+        if isinstance(self.dataset, ShardStream):  # decoded and resized to this step's size by the stream
+            images, captions, failures = self.dataset.batch(step)
+            items = [{"image": image, "caption": caption} for image, caption in zip(images, captions)]
         else:
             items = []
             for index in indices[share]:
@@ -819,4 +849,4 @@ class Trainer:
 
 
 __all__ = ["ConfigError", "DivergenceError", "LORA_ATTENTION", "LORA_EXPERTS", "LORA_TEXT_TOWER", "PAPER_BUCKETS",
-           "PREEMPTED_EXIT_STATUS", "Preempted", "TrainConfig", "Trainer", "buckets", "training_target"]
+           "PREEMPTED_EXIT_STATUS", "BucketSchedule", "Preempted", "TrainConfig", "Trainer", "buckets", "training_target"]
