@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 # -P: never put the repository root on sys.path, so tests import the installed package, not ./raphael_ext.
 PYTEST := $(PY) -P -m pytest
 MAX_JOBS ?= $(shell nproc)
+# pytest-xdist workers for the unit tests: one per core, at most 4 (each holds models and a torch of its own).
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 RAPHAEL_EXT_CUDA ?= auto
 export MAX_JOBS RAPHAEL_EXT_CUDA
 DATE := $(shell date +%Y-%m-%d)
@@ -44,10 +46,10 @@ install-incremental: deps
 develop: deps
 	$(PY) setup.py build_ext --inplace
 
-## test: unit tests, then every benchmark once without timing (so they never rot)
+## test: unit tests (in parallel, TEST_WORKERS), then every benchmark once without timing (so they never rot)
 test: install
-	$(PYTEST) python_tests -q
-	$(PYTEST) benchmarks -q --benchmark-disable
+	$(PYTEST) python_tests -q -n $(TEST_WORKERS) --durations=15
+	$(PYTEST) benchmarks -q --benchmark-disable --durations=5
 
 ## test-cuda: only the tests that need a GPU
 test-cuda: install

@@ -10,6 +10,11 @@ if not torch.cuda.is_available():
 
 import raphael_ext  # noqa: E402,F401  (loads the extension and registers the ops before any test)
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread, so that the workers
+# share the cores instead of oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")

@@ -34,7 +34,8 @@ def test_rehearsal_keeps_results_of_interrupted_stages_and_holds_the_deadline(tm
            "GPU_CHECK_PREBUILT": str(prebuilt), "GPU_CHECK_DEADLINE": str(deadline),
            "GPU_CHECK_LIMIT_tests": str(tests_limit), "GPU_CHECK_TESTS": tests,  # more than tests_limit of tests
            "GPU_CHECK_BENCHMARKS": "benchmarks/test_focal_loss.py benchmarks/test_moe.py"}  # quick ones first
-    env.pop("PYTHONPATH", None)
+    for name in [n for n in env if n == "PYTHONPATH" or n.startswith("PYTEST_")]:  # this pytest's (xdist's) own
+        env.pop(name)
     start = time.monotonic()
     result = subprocess.run(["bash", str(SCRIPT), "--rehearse"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=deadline + 60)

@@ -162,15 +162,26 @@ class ShapesDataset(Dataset):
         return self.item(index, *self.size)
 
 
-def fit_image(image: Image.Image, height: int, width: int) -> Tensor:
-    """An RGB image resized (bicubic) to cover height x width and centre-cropped to it, as [3, H, W] in [-1, 1]."""
+def fit_pixels(image: Image.Image, height: int, width: int) -> Tensor:
+    """An RGB image resized (bicubic) to cover height x width and centre-cropped to it, as uint8 [3, H, W] (a quarter
+    of the float tensor's bytes, for data-loader workers to send)."""
     image = image.convert("RGB")
     scale = max(height / image.height, width / image.width)
     image = image.resize((max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale))),
                          Image.BICUBIC)
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def pixels_to_unit_range(pixels: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [-1, 1], the range the models are trained on."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def fit_image(image: Image.Image, height: int, width: int) -> Tensor:
+    """fit_pixels as float32 [3, H, W] in [-1, 1]."""
+    return pixels_to_unit_range(fit_pixels(image, height, width))
 
 
 def load_image(data: Union[Path, bytes], min_size: int) -> Tuple[Optional[Image.Image], Optional[str]]:
@@ -271,4 +282,4 @@ class FolderDataset(Dataset):
 
 __all__ = ["COLORS", "EXTRA_COLORS", "PALETTE", "HELD_OUT_SEED", "SHAPES", "ShapeSpec", "ShapesDataset",
            "FolderDataset", "caption", "relation", "render",
-           "sample_scene", "shape_mask", "fit_image", "check_image", "load_image"]
+           "sample_scene", "shape_mask", "fit_image", "fit_pixels", "pixels_to_unit_range", "check_image", "load_image"]

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .._optional import missing_extra
-from .data import fit_image, load_image
+from .data import fit_pixels, load_image, pixels_to_unit_range
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def shards_of(urls: List[str], epoch: int, seed: int, rank: int, world: int, str
 
 class _StreamDataset(IterableDataset):
     """Yields the batches of steps first_step + j * streams + w, where w is the DataLoader worker's id (0 without
-    workers), forever: (step, images [n, 3, H, W] in [-1, 1], captions, keys, stream, position after the batch,
+    workers), forever: (step, uint8 pixels [n, 3, H, W], captions, keys, stream, position after the batch,
     samples skipped in it). Worker w reads logical stream (w + rotation) % streams, so that after a resume the
     DataLoader's round-robin (which starts at worker 0) continues with the stream that was next."""
 
@@ -98,7 +98,7 @@ class _StreamDataset(IterableDataset):
                     continue
                 usable_epoch = position.epoch
                 with image:
-                    images.append(fit_image(image, height, width))
+                    images.append(fit_pixels(image, height, width))
                 captions.append(caption)
                 keys.append(key)
             yield step, torch.stack(images), captions, keys, stream, StreamPosition(**asdict(position)), failures
@@ -185,16 +185,23 @@ class ShardStream:
             self._next_step = first_step
         return self._iterator
 
+    def close(self) -> None:
+        """Stops the data-loader workers now rather than when the stream is collected; a later batch() starts them
+        again at the stream's position."""
+        iterator, self._iterator = self._iterator, None
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def batch(self, step: int) -> Tuple[Tensor, List[str], int]:
         if self._next_step is not None and step != self._next_step:
             raise ValueError(f"shards: batches are read for consecutive steps; step {self._next_step} comes next, "
                              f"not {step}")
-        produced, images, captions, _, stream, position, failures = next(self._batches(step))
+        produced, pixels, captions, _, stream, position, failures = next(self._batches(step))
         assert produced == step and stream == self.next_stream, "shards: the data loader left its round-robin order"
         self.positions[stream] = position
         self.next_stream = (stream + 1) % self.streams
         self._next_step = step + 1
-        return images, captions, failures
+        return pixels_to_unit_range(pixels), captions, failures
 
 
 def _exists(path: str) -> bool:
