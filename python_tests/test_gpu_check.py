@@ -28,7 +28,7 @@ def test_rehearsal_keeps_results_of_interrupted_stages_and_holds_the_deadline(tm
     prebuilt.mkdir()
     shutil.copy(raphael_ext._C.__file__, prebuilt)
     out = tmp_path / "out"
-    deadline, tests_limit = 80, 20
+    deadline, tests_limit = 100, 20
     tests = " ".join(f"python_tests/test_{name}.py" for name in ("space_moe", "grouped_gemm", "cross_attention_mask"))
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_PREBUILT": str(prebuilt), "GPU_CHECK_DEADLINE": str(deadline),
