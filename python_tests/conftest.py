@@ -10,10 +10,9 @@ if not torch.cuda.is_available():
 
 import raphael_ext  # noqa: E402,F401  (loads the extension and registers the ops before any test)
 
-# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread, so that the workers
-# share the cores instead of oversubscribing them.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Under pytest-xdist (`make test`) the workers share the cores instead of oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_configure(config):

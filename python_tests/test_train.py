@@ -109,6 +109,8 @@ def test_compiled_training_step_matches_eager(tmp_path):
     """--compile: the U-Net compiled in place computes the step's loss and gradients as eager does, through the ops'
     fake kernels and autograd formulas (aot_eager: traced, no code generated, so the test stays quick), and keeps its
     state-dict names. inductor's run on the demo's model is timed in benchmarks/test_train_step.py."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     eager = Trainer(config(tmp_path / "eager", steps=2), device="cpu")
     compiled = Trainer(config(tmp_path / "compiled", steps=2, compile="aot_eager"), device="cpu")
     assert compiled.unet._compiled_call_impl is not None and eager.unet._compiled_call_impl is None
@@ -118,6 +120,7 @@ def test_compiled_training_step_matches_eager(tmp_path):
         for (name, a), b in zip(eager.unet.named_parameters(), compiled.unet.parameters()):
             if a.grad is not None:
                 torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # traced, not only wrapped
     assert compiled.unet.state_dict().keys() == eager.unet.state_dict().keys()
     with pytest.raises(ValueError, match="compile must be one of"):
         Trainer(config(tmp_path / "bad", compile="yes"), device="cpu")

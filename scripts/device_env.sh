@@ -29,7 +29,8 @@ DEVICE_IMAGE_PACKAGES=(
 DEVICE_ARCH=9.0a
 
 # source_stamp PYTHON: one line naming the Python (major.minor), the torch and a hash of everything _C is built
-# from; a prebuilt _C is used only where this line equals the one saved beside it.
+# from; gpu_check.sh notes a prebuilt _C whose saved line differs (built from other sources) and device_prebuild.sh
+# rebuilds it.
 source_stamp() {
   local python=$1
   local runtime

@@ -6,7 +6,7 @@
 #   2. .whl/: the wheels the image lacks, installed in the rehearsal exactly as there (--no-deps --target);
 #   3. .device/: raphael_ext._C built for sm_90a against that torch (debug info stripped) and its stamp;
 #   4. the rehearsal: scripts/gpu_check.sh --rehearse in that venv (collection with no module skipped for a
-#      missing module, the CPU tests, the benchmarks once), and the size of what must travel (< 60 MiB).
+#      missing module, the CPU tests, the benchmarks timed), and the size of what must travel (< 60 MiB).
 # Then, with the workplace's device tool:  run  command "scripts/gpu_check.sh"  carry [".whl", ".device"]  timeout_s 480.
 #
 # Usage: scripts/device_prebuild.sh [--no-rehearse]     (PY312=/path/to/python3.12 to choose the interpreter)

@@ -187,10 +187,13 @@ def fit_image(image: Image.Image, height: int, width: int) -> Tensor:
 def load_image(data: Union[Path, bytes], min_size: int) -> Tuple[Optional[Image.Image], Optional[str]]:
     """(the decoded image, None), or (None, why it cannot be used): unreadable, truncated, or shorter side below
     min_size. Every pixel is decoded, so a truncated file fails here and not later in training."""
+    image = None
     try:
         image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
+        if image is not None:
+            image.close()
         return None, f"unreadable image ({type(error).__name__}: {str(error)[:80]})"
     if min(image.size) < min_size:
         image.close()

@@ -4,9 +4,10 @@
 The shards are streamed, never listed whole: every epoch they are shuffled (seeded) and dealt out to the ranks, and
 each rank's share to its data-loader workers. A worker delivers whole batches: it reads the next `batch_size` usable
 samples of its share, decodes each image once and resizes it to the size of the step the batch is for (`sizes`,
-the trainer's bucket of each step), so the trainer's process only stacks what arrives. With `workers` processes,
-worker w prepares the batches of every w-th step, ahead of the step that needs them; 0 workers decode in the
-trainer's own process. Samples that fail to decode, are too small or lack a caption are skipped and counted.
+the trainer's bucket of each step), so the trainer's process only receives tensors. With `workers` processes, worker w
+prepares the batches of steps s + w, s + w + workers, s + w + 2 workers, ... (s: the first step read), ahead of the
+steps that need them; 0 workers decode in the trainer's own process. Samples that fail to decode, are too small or
+lack a caption are skipped and counted.
 
 Resume is exact: the stream's position (per worker: epoch, shard, samples read in it; and which worker comes next)
 is part of every checkpoint, so a resumed run reads the very samples the uninterrupted one would have, as long as the
@@ -83,20 +84,27 @@ class _StreamDataset(IterableDataset):
         position = StreamPosition(**asdict(self.positions[stream]))
         samples = self._samples(stream, position)
         step = self.first_step + worker
-        usable_epoch = position.epoch  # the epoch of the last usable sample: a whole epoch without one is an error
+        # Epoch ends since the last usable sample. A stream whose share is one unusable shard moves on to other
+        # shards in later epochs; about world x streams epochs let it meet every shard, twice that many without a
+        # usable sample (or without any sample: empty or unreadable tars) means the data cannot train.
+        barren_epochs, most_barren = 0, 2 * self.world * self.streams
         while True:
             height, width = self.sizes(step)
             images, captions, keys, failures = [], [], [], 0
             while len(images) < self.batch_size:
-                data, caption, key = next(samples)
+                sample = next(samples)
+                if sample is None:  # the end of an epoch
+                    barren_epochs += 1
+                    if barren_epochs > most_barren:
+                        raise ValueError(f"shards: rank {self.rank}'s stream {stream} found no usable sample (an image "
+                                         f"of at least {self.min_size} px with a caption) in {most_barren} epochs")
+                    continue
+                data, caption, key = sample
                 image, _ = load_image(data, self.min_size) if data is not None and caption else (None, None)
                 if image is None:
                     failures += 1
-                    if position.epoch > usable_epoch + 1:
-                        raise ValueError(f"shards: a whole epoch of rank {self.rank}'s stream {stream} has no usable "
-                                         f"sample (an image of at least {self.min_size} px with a caption)")
                     continue
-                usable_epoch = position.epoch
+                barren_epochs = 0
                 with image:
                     images.append(fit_pixels(image, height, width))
                 captions.append(caption)
@@ -104,8 +112,9 @@ class _StreamDataset(IterableDataset):
             yield step, torch.stack(images), captions, keys, stream, StreamPosition(**asdict(position)), failures
             step += self.streams
 
-    def _samples(self, stream: int, position: StreamPosition) -> Iterator[Tuple[Optional[bytes], str, str]]:
-        """(image bytes or None, caption, key) of every sample of the stream from `position` on, which it advances."""
+    def _samples(self, stream: int, position: StreamPosition) -> Iterator[Optional[Tuple[Optional[bytes], str, str]]]:
+        """(image bytes or None, caption, key) of every sample of the stream from `position` on, which it advances;
+        None at the end of each epoch."""
         import webdataset as wds
 
         empty_epochs = 0
@@ -130,6 +139,7 @@ class _StreamDataset(IterableDataset):
                 position.shard += 1
                 position.offset = 0
             position.epoch, position.shard, position.offset = position.epoch + 1, 0, 0
+            yield None
 
 
 class ShardStream:
