@@ -11,6 +11,9 @@ MAX_JOBS ?= $(shell nproc)
 # pytest-xdist workers for the unit tests: one per core, at most 4 (each holds models and a torch of its own).
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 RAPHAEL_EXT_CUDA ?= auto
+# Extra flags of `pip install .`: CI passes --no-build-isolation to build against .venv's torch instead of installing
+# the same torch a second time (pyproject.toml's build pins equal requirements-dev.txt's: python_tests/test_build.py).
+PIP_INSTALL_FLAGS ?=
 export MAX_JOBS RAPHAEL_EXT_CUDA
 DATE := $(shell date +%Y-%m-%d)
 
@@ -30,7 +33,7 @@ deps: $(VENV)/.deps-installed
 install: deps
 	@mkdir -p build
 	@echo "building raphael_ext with pip install . (log: build/pip-install.log)"
-	@start=$$(date +%s); RAPHAEL_EXT_BUILD_QUIET=1 $(PY) -m pip install -v . > build/pip-install.log 2>&1 \
+	@start=$$(date +%s); RAPHAEL_EXT_BUILD_QUIET=1 $(PY) -m pip install -v $(PIP_INSTALL_FLAGS) . > build/pip-install.log 2>&1 \
 		|| { tail -n 60 build/pip-install.log; echo "raphael_ext build failed, see build/pip-install.log"; exit 1; }; \
 		echo "pip install . took $$(( $$(date +%s) - start )) s"
 	@grep "\[raphael_ext build\]" build/pip-install.log | awk '!seen[$$0]++' || true

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/row_buffer_cache.h"
 #include "cpu/vec_math_avx2.h"
 
 #if defined(RAPHAEL_EXT_WITH_CUTLASS)
@@ -155,6 +156,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &raphael_ext::build_info,
         "Versions the extension was built with (torch, CUDA, CUTLASS), the GPU archs it holds, whether "
         "it holds the Hopper (sm_90a) grouped-GEMM kernels and whether the CPU kernels use AVX2.");
+  m.def("empty_cpu_cache", &raphael_ext::cpu::release_idle_buffers,
+        "Frees the idle buffers the CPU expert kernels keep for their next call (tensors keep theirs).");
   m.def("sigmoid_focal_loss", &raphael_ext::sigmoid_focal_loss, py::arg("logits"), py::arg("targets"),
         py::arg("alpha") = 0.5, py::arg("gamma") = 2.0, py::arg("reduction") = "mean",
         py::arg("sample_mask") = py::none(),

@@ -35,3 +35,21 @@ def test_sm90a_is_recognised_in_arch_lists(setup_module):
         assert setup_module.builds_sm90a(arch_list), arch_list
     for arch_list in ("9.0", "8.0;9.0+PTX", "10.0a", ""):
         assert not setup_module.builds_sm90a(arch_list), arch_list
+
+
+def test_pinned_build_requirements_match_requirements_dev():
+    """`pip install .` builds with pyproject.toml's build requirements, CI without isolation against .venv
+    (requirements-dev.txt): every pinned build requirement must carry the same pin in both, so CI builds what users do."""
+    tomllib = pytest.importorskip("tomllib")
+    root = SETUP.parent
+    build = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
+    dev = {}
+    for line in (root / "requirements-dev.txt").read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            dev[name.strip().lower()] = version.strip()
+    pinned = [r.split("==") for r in build if "==" in r]
+    assert pinned, "pyproject.toml pins no build requirement"
+    for name, version in pinned:
+        assert dev.get(name.strip().lower()) == version.strip(), f"{name}: {version} in pyproject.toml"

@@ -1,12 +1,17 @@
 """space_moe (docs/kernels.md) against the naive formula in float64: a loop over text tokens, each token's expert
 applied to the image features masked by that token's region."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from torch.profiler._memory_profiler import Action
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raphael_ext.ops import space_moe, space_moe_plan
+from raphael_ext.ops import empty_cpu_cache, space_moe, space_moe_plan
 
 from helpers import CUDA, DEVICES, assert_close_rel
 from moe_helpers import make_space_inputs, moe_rtol, naive_space_moe, to_reference
@@ -222,6 +227,51 @@ def test_thread_count_does_not_change_the_result():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, multi)
+
+
+def large_hidden_inputs(density):
+    """Inputs whose saved pre-activations (768 x 1024 float32, 3 MiB) are large enough for the CPU buffer cache."""
+    return make_space_inputs(1, 256, 6, 8, 1024, 3, torch.float32, density=density)
+
+
+def test_cpu_buffers_are_recycled_never_shared_and_their_tails_zeroed():
+    dense, sparse = large_hidden_inputs(0.9), large_hidden_inputs(0.05)
+    first = OP(*dense, True)
+    used = int(first[2][-1])
+    assert first[6][:used].abs().sum() > 0
+    second = OP(*sparse, True)
+    assert second[6].data_ptr() != first[6].data_ptr()  # a live output's buffer is never handed out again
+    buffer = first[6].data_ptr()
+    del first
+    third = OP(*sparse, True)
+    assert third[6].data_ptr() == buffer  # the freed one is
+    assert int(third[2][-1]) < used  # and its rows past the pairs, written by the dense call, are zero again
+    assert torch.equal(third[6], second[6]) and not third[6][int(third[2][-1]):].any()
+    del second, third
+    empty_cpu_cache()
+    assert torch.equal(OP(*sparse, True)[0], space_moe(*sparse))
+
+
+def test_profiler_sees_the_cached_buffers():
+    """The cache reports what it hands out and takes back, so memory profiles still show what the op holds."""
+    inputs = large_hidden_inputs(0.9)
+    OP(*inputs, True)  # the buffer now sits idle in the cache
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                record_shapes=True, with_stack=True) as prof:
+        saved = OP(*inputs, True)[6]
+    held = sum(size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+               for _, action, _, size in prof._memory_profile().timeline)
+    assert held >= saved.numel() * saved.element_size()
+
+
+def test_bad_cache_size_is_a_clear_error():
+    code = ("import torch, raphael_ext, sys; sys.path.insert(0, sys.argv[1]); from moe_helpers import make_space_inputs\n"
+            "inputs = make_space_inputs(1, 256, 6, 8, 1024, 3, torch.float32, density=0.9)\n"
+            "try:\n    torch.ops.raphael_ext.space_moe(*inputs, True)\nexcept RuntimeError as e:\n    print(e)")
+    env = {**os.environ, "RAPHAEL_EXT_CPU_CACHE_MIB": "lots"}
+    result = subprocess.run([sys.executable, "-P", "-c", code, os.path.dirname(__file__)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "RAPHAEL_EXT_CPU_CACHE_MIB must be a number of MiB >= 0, got 'lots'" in result.stdout, result.stderr[-2000:]
 
 
 def test_double_backward_is_refused():

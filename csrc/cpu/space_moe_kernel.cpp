@@ -4,6 +4,7 @@
 // owned by one token or one block and reduced in a fixed order, so results do not depend on the
 // number of threads. The op itself is written once in csrc/common/moe.h.
 #include "moe_cpu.h"
+#include "row_buffer_cache.h"
 #include "vec_math_avx2.h"
 
 #include <ATen/Dispatch.h>
@@ -17,10 +18,6 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace raphael_ext::cpu {
 namespace {
@@ -56,20 +53,6 @@ std::vector<int32_t> row_tokens(const at::Tensor& pair_index, int64_t rows) {
     }
   }
   return token;
-}
-
-// at::empty for the large row buffers, backed by transparent huge pages where the kernel offers them
-// (madvise mode): buffers over glibc's mmap threshold (32 MiB) are mapped fresh on every call, and their
-// first touch otherwise costs one page fault per 4 KiB (about 17 ms per 37 MB on a 2-core VM).
-at::Tensor empty_rows(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors are fine
-#endif
-  return t;
 }
 
 #if RAPHAEL_HAVE_AVX2_PATH
@@ -144,6 +127,33 @@ RAPHAEL_AVX2 float gather_grad_row_avx2(const float* dy, const float* out, float
     dot = _mm256_fmadd_ps(d, _mm256_loadu_ps(out + c), dot);
   }
   return static_cast<float>(avx2::reduce_add(dot));
+}
+
+// dst = sum_t scale[t] * rows[t] over C channels (a multiple of 8), the terms added in order: 32 channels at a
+// time, their sums held in registers while every term's slice is read once.
+RAPHAEL_AVX2 void weighted_sum_avx2(const float* const* rows, const float* scale, int64_t terms, float* dst,
+                                    int64_t C) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t t = 0; t < terms; ++t) {
+      const __m256 s = _mm256_set1_ps(scale[t]);
+      const float* r = rows[t] + c;
+      a0 = _mm256_fmadd_ps(s, _mm256_loadu_ps(r), a0);
+      a1 = _mm256_fmadd_ps(s, _mm256_loadu_ps(r + 8), a1);
+      a2 = _mm256_fmadd_ps(s, _mm256_loadu_ps(r + 16), a2);
+      a3 = _mm256_fmadd_ps(s, _mm256_loadu_ps(r + 24), a3);
+    }
+    _mm256_storeu_ps(dst + c, a0);
+    _mm256_storeu_ps(dst + c + 8, a1);
+    _mm256_storeu_ps(dst + c + 16, a2);
+    _mm256_storeu_ps(dst + c + 24, a3);
+  }
+  for (; c < C; c += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t t = 0; t < terms; ++t) a = _mm256_fmadd_ps(_mm256_set1_ps(scale[t]), _mm256_loadu_ps(rows[t] + c), a);
+    _mm256_storeu_ps(dst + c, a);
+  }
 }
 #endif
 
@@ -257,6 +267,34 @@ at::Tensor MoeBackend::combine(const at::Tensor& values, const at::Tensor& pair_
   const std::optional<at::Tensor> wc = contiguous(weight), zc = contiguous(z), cc = contiguous(c);
   at::Tensor out = at::empty({n, C}, values.options());
   const int32_t* idx = pi.const_data_ptr<int32_t>();
+#if RAPHAEL_HAVE_AVX2_PATH
+  if (v.scalar_type() == at::kFloat && C % 8 == 0 && avx2::cpu_has_avx2_fma()) {
+    const float* vp = v.const_data_ptr<float>();
+    const float* w = wc.has_value() ? wc->const_data_ptr<float>() : nullptr;
+    const float* zp = zc.has_value() ? zc->const_data_ptr<float>() : nullptr;
+    const float* cp = cc.has_value() ? cc->const_data_ptr<float>() : nullptr;
+    float* op = out.mutable_data_ptr<float>();
+    at::parallel_for(0, n, kTokenGrain, [&](int64_t first, int64_t last) {
+      std::vector<const float*> rows(2 * E);
+      std::vector<float> scale(2 * E);
+      for (int64_t j = first; j < last; ++j) {
+        int64_t terms = 0;
+        for (int64_t k = 0; zp != nullptr && k < E; ++k) {
+          if (zp[j * E + k] == 0.0f) continue;
+          rows[terms] = cp + k * C;
+          scale[terms++] = zp[j * E + k];
+        }
+        for (int64_t k = 0; k < E; ++k) {
+          if (idx[j * E + k] < 0) continue;
+          rows[terms] = vp + idx[j * E + k] * C;
+          scale[terms++] = w != nullptr ? w[j * E + k] : 1.0f;
+        }
+        weighted_sum_avx2(rows.data(), scale.data(), terms, op + j * C, C);
+      }
+    });
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "space_moe_combine_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
@@ -303,8 +341,8 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
   const std::vector<RowBlock> blocks = row_blocks(ends);
   const std::vector<int32_t> token = row_tokens(plan.pair_index.contiguous(), used);
   const at::Tensor x = tokens.contiguous();
-  at::Tensor out = empty_rows({rows, C}, x.options());
-  at::Tensor pre = empty_rows({save_pre ? rows : 0, F}, x.options());
+  at::Tensor out = empty_cached({rows, C}, x.options());
+  at::Tensor pre = empty_cached({save_pre ? rows : 0, F}, x.options());
   const bool fused = fused_gelu(x, F);
   const at::Tensor bias1 = b1.contiguous();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
@@ -361,11 +399,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc = acc_dtype(x.scalar_type());
   int64_t most_rows = 0;
   for (int64_t k = 0; k < E; ++k) most_rows = std::max(most_rows, ends[k] - (k == 0 ? 0 : ends[k - 1]));
-  at::Tensor a = empty_rows({used, C}, options);  // gathered tokens
-  at::Tensor g = empty_rows({used, C}, options);  // gathered, weighted output gradients
-  at::Tensor da = empty_rows({used, C}, options);
-  at::Tensor hidden = empty_rows({most_rows, F}, options);  // GELU(pre) of one expert
-  at::Tensor dpre = empty_rows({most_rows, F}, options);
+  at::Tensor a = empty_cached({used, C}, options);  // gathered tokens
+  at::Tensor g = empty_cached({used, C}, options);  // gathered, weighted output gradients
+  at::Tensor da = empty_cached({used, C}, options);
+  at::Tensor hidden = empty_cached({most_rows, F}, options);  // GELU(pre) of one expert
+  at::Tensor dpre = empty_cached({most_rows, F}, options);
   at::Tensor dweight = at::zeros({n, E}, weight.options());
   at::Tensor dw1 = at::empty({E, C, F}, options), dw2 = at::empty({E, F, C}, options);
   at::Tensor db1 = at::zeros({E, F}, options.dtype(acc)), db2 = at::zeros({E, C}, options.dtype(acc));
@@ -448,9 +486,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at::mm_out(da_rows, dp, w1[k].t());
         }
       });
+      // The weight gradients on one thread per half: each task computes half the columns of dw1 and half the rows
+      // of dw2, so both get the same work whatever the speed of either GEMM (their long inner dimension, the
+      // expert's rows, splits worse across threads inside one GEMM). Each output element has one writer.
       at::Tensor dw1_k = dw1[k], dw2_k = dw2[k], db1_k = db1[k], db2_k = db2[k];
-      at::mm_out(dw2_k, hidden.narrow(0, 0, len).t(), g.narrow(0, start, len));
-      at::mm_out(dw1_k, a.narrow(0, start, len).t(), dpre.narrow(0, 0, len));
+      const at::Tensor a_k = a.narrow(0, start, len), g_k = g.narrow(0, start, len);
+      const at::Tensor h_k = hidden.narrow(0, 0, len), dpre_k = dpre.narrow(0, 0, len);
+      at::parallel_for(0, 2, 1, [&](int64_t first, int64_t last) {
+        const at::NoGradGuard no_grad;
+        for (int64_t half = first; half < last; ++half) {
+          const int64_t begin = half * (F / 2), width = half == 0 ? F / 2 : F - F / 2;
+          at::Tensor dw1_half = dw1_k.narrow(1, begin, width), dw2_half = dw2_k.narrow(0, begin, width);
+          at::mm_out(dw1_half, a_k.t(), dpre_k.narrow(1, begin, width));
+          at::mm_out(dw2_half, h_k.narrow(1, begin, width).t(), g_k);
+        }
+      });
       at::sum_out(db1_k, db1_blocks.narrow(0, first_block, last_block - first_block), 0);
       at::sum_out(db2_k, db2_blocks.narrow(0, first_block, last_block - first_block), 0);
       first_block = last_block;

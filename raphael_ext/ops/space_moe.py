@@ -57,6 +57,18 @@ def space_moe_plan(
     return torch.ops.raphael_ext.space_moe_plan(mask, route, gate, text_lengths, num_experts)
 
 
+def empty_cpu_cache() -> None:
+    """Frees the idle buffers the CPU kernels keep for their next call (like ``torch.cuda.empty_cache``).
+
+    space_moe's CPU kernels recycle their large buffers (saved activations, gathered rows) between calls,
+    keeping up to ``RAPHAEL_EXT_CPU_CACHE_MIB`` MiB idle (default 1024, 0 turns the cache off), because glibc
+    maps and faults in every allocation over 32 MiB afresh. Buffers still held by tensors are not touched.
+    """
+    from .. import _C
+
+    _C.empty_cpu_cache()
+
+
 @torch.library.register_fake(_PLAN_OP)
 def _space_moe_plan_fake(mask, route, gate, text_lengths, num_experts):
     pairs = (mask.shape[0] * mask.shape[1], num_experts)
