@@ -1,8 +1,10 @@
 #include "row_buffer_cache.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -25,8 +27,8 @@ size_t limit_from_env() {
   if (value == nullptr || *value == '\0') return size_t(1024) << 20;
   char* end = nullptr;
   const long long mib = std::strtoll(value, &end, 10);
-  TORCH_CHECK(end != value && *end == '\0' && mib >= 0, "RAPHAEL_EXT_CPU_CACHE_MIB must be a number of MiB >= 0, got '",
-              value, "'");
+  TORCH_CHECK(end != value && *end == '\0' && mib >= 0 && static_cast<unsigned long long>(mib) <= (SIZE_MAX >> 20),
+              "RAPHAEL_EXT_CPU_CACHE_MIB must be a number of MiB >= 0, got '", value, "'");
   return static_cast<size_t>(mib) << 20;
 }
 
@@ -112,7 +114,12 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options)
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(options.dtype().toScalarType());
   if (cache.limit() == 0 || bytes < kSmallest) return at::empty(sizes, options);
   void* ptr = cache.take(bytes);
-  return at::from_blob(ptr, sizes, [bytes](void* p) { Cache::instance().give_back(p, bytes); }, options);
+  try {
+    return at::from_blob(ptr, sizes, [bytes](void* p) { Cache::instance().give_back(p, bytes); }, options);
+  } catch (...) {
+    cache.give_back(ptr, bytes);
+    throw;
+  }
 }
 
 void release_idle_buffers() { Cache::instance().release_idle(); }
