@@ -3,7 +3,11 @@
 // Kernels register themselves per dispatch key in csrc/cpu/ and csrc/cuda/; autograd and fake
 // (meta) kernels are registered from Python (raphael_ext/ops/). The pybind11 functions below call
 // the ops through the dispatcher, so a C++/pybind11 caller gets the same autograd as torch.ops.
-#include <torch/extension.h>
+
+// pybind.h (pybind11 with torch's tensor casters) rather than torch/extension.h, which adds the whole C++
+// frontend and triples this file's compile time.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 #include <torch/version.h>
 

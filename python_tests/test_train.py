@@ -387,49 +387,48 @@ def test_sampling_from_a_run_uses_its_text_encoder(tmp_path):
     torch.testing.assert_close(pipe.encode_prompt(prompts, "cpu")[0], expected, rtol=0, atol=0)
 
 
-def test_cli_train_sample_evaluate(tmp_path):
+def test_cli_train_sample_evaluate(tmp_path, capsys):
+    """`python -m raphael_ext train` in a real process (the entry point as users type it); resume, sample and
+    evaluate through the same main() in this one, which spares a process start (the diffusers stack's import) each."""
+    from raphael_ext.__main__ import main
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-P", "-m", "raphael_ext"]  # -P: the installed package, as the tests import it
     out = tmp_path / "cli"
-    subprocess.run(run + ["train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1",
-                          "--sample-every", "2", "--model", json.dumps(SMALL_MODEL)], check=True, env=env,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-P", "-m", "raphael_ext", "train", "--out", str(out), "--steps", "2",
+                    "--batch-size", "2", "--warmup-steps", "1", "--sample-every", "2",
+                    "--model", json.dumps(SMALL_MODEL)], check=True, env=env, capture_output=True)
     assert (out / "pipeline" / "model_index.json").is_file() and (out / "samples" / "step-0000002.png").is_file()
-    subprocess.run(run + ["train", "--out", str(out), "--resume", "--steps", "3"], check=True, env=env,
-                   capture_output=True)
+    main(["train", "--out", str(out), "--resume", "--steps", "3"])
     assert (out / "checkpoints" / "step-0000003").is_dir()
-    subprocess.run(run + ["sample", "--pipeline", str(out / "pipeline"), "--prompt", "a red circle", "--steps", "2",
-                          "--out", str(tmp_path / "img.png")], check=True, env=env, capture_output=True)
+    main(["sample", "--pipeline", str(out / "pipeline"), "--prompt", "a red circle", "--steps", "2",
+          "--out", str(tmp_path / "img.png")])
     assert (tmp_path / "img.png").is_file()
-    result = subprocess.run(run + ["evaluate", "--pipeline", str(out / "pipeline"), "--count", "4", "--steps", "2",
-                                   "--out", str(tmp_path / "eval")], check=True, env=env, capture_output=True, text=True)
+    capsys.readouterr()
+    main(["evaluate", "--pipeline", str(out / "pipeline"), "--count", "4", "--steps", "2",
+          "--out", str(tmp_path / "eval")])
     metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert 0.0 <= metrics["alignment"] <= 1.0 and metrics["judge_accuracy_on_renders"] >= 0.95
     assert 0.0 <= metrics["chance_alignment"] < 0.5
-    assert (tmp_path / "eval" / "samples.png").is_file() and "alignment" in result.stdout
+    assert (tmp_path / "eval" / "samples.png").is_file() and "alignment" in capsys.readouterr().out
 
 
 def test_cli_lora_and_controlnet_runs(tmp_path, base_pipeline):
-    """train --lora-rank and --controlnet canny from a pipeline for a few steps, then sample with each."""
+    """train --lora-rank and --controlnet canny from a pipeline for a few steps, then sample with each (main() in
+    this process: test_cli_train_sample_evaluate runs the entry point in a process of its own)."""
     from PIL import Image
 
+    from raphael_ext.__main__ import main
     from raphael_ext.training.data import ShapesDataset
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-P", "-m", "raphael_ext"]
     common = ["--init-from", str(base_pipeline), "--steps", "2", "--batch-size", "2", "--warmup-steps", "1"]
-    subprocess.run(run + ["train", "--out", str(tmp_path / "lora"), "--lora-rank", "4", *common], check=True,
-                   env=env, capture_output=True)
-    subprocess.run(run + ["sample", "--pipeline", str(base_pipeline), "--lora", str(tmp_path / "lora" / "lora"),
-                          "--lora-scale", "0.5", "--prompt", "a red circle", "--steps", "2",
-                          "--out", str(tmp_path / "lora.png")], check=True, env=env, capture_output=True)
-    subprocess.run(run + ["train", "--out", str(tmp_path / "cn"), "--controlnet", "canny", *common], check=True,
-                   env=env, capture_output=True)
+    main(["train", "--out", str(tmp_path / "lora"), "--lora-rank", "4", *common])
+    main(["sample", "--pipeline", str(base_pipeline), "--lora", str(tmp_path / "lora" / "lora"), "--lora-scale", "0.5",
+          "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "lora.png")])
+    main(["train", "--out", str(tmp_path / "cn"), "--controlnet", "canny", *common])
     control = ShapesDataset(1, 16, seed=3)[0]["image"].add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(control).save(tmp_path / "control.png")
-    subprocess.run(run + ["sample", "--pipeline", str(tmp_path / "cn" / "pipeline"), "--control-image",
-                          str(tmp_path / "control.png"), "--prompt", "a red circle", "--steps", "2",
-                          "--out", str(tmp_path / "cn.png")], check=True, env=env, capture_output=True)
+    main(["sample", "--pipeline", str(tmp_path / "cn" / "pipeline"), "--control-image", str(tmp_path / "control.png"),
+          "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "cn.png")])
     assert (tmp_path / "lora.png").is_file() and (tmp_path / "cn.png").is_file()
 
 
