@@ -13,6 +13,7 @@
 
 #include "cpu/row_buffer_cache.h"
 #include "cpu/vec_math_avx2.h"
+#include "cpu/vec_math_avx512.h"
 
 #if defined(RAPHAEL_EXT_WITH_CUTLASS)
 #include <cutlass/version.h>
@@ -79,6 +80,12 @@ pybind11::dict build_info() {
   info["cpu_avx2"] =
 #if RAPHAEL_HAVE_AVX2_PATH
       avx2::cpu_has_avx2_fma();
+#else
+      false;
+#endif
+  info["cpu_avx512"] =
+#if RAPHAEL_HAVE_AVX512_PATH
+      avx512::enabled();
 #else
       false;
 #endif
@@ -159,7 +166,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "raphael_ext native ops (CPU and CUDA kernels registered under torch.ops.raphael_ext)";
   m.def("build_info", &raphael_ext::build_info,
         "Versions the extension was built with (torch, CUDA, CUTLASS), the GPU archs it holds, whether "
-        "it holds the Hopper (sm_90a) grouped-GEMM kernels and whether the CPU kernels use AVX2.");
+        "it holds the Hopper (sm_90a) grouped-GEMM kernels and whether the CPU kernels use AVX2 and AVX-512.");
   m.def("empty_cpu_cache", &raphael_ext::cpu::release_idle_buffers,
         "Frees the idle buffers the CPU expert kernels keep for their next call (tensors keep theirs).");
   m.def("sigmoid_focal_loss", &raphael_ext::sigmoid_focal_loss, py::arg("logits"), py::arg("targets"),

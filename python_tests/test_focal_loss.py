@@ -391,7 +391,8 @@ class TestEdgeFocalLoss:
 def test_build_info():
     info = raphael_ext.build_info()
     assert info["torch"] == torch.__version__.split("+")[0]
-    assert isinstance(info["cpu_avx2"], bool)
+    assert isinstance(info["cpu_avx2"], bool) and isinstance(info["cpu_avx512"], bool)
+    assert info["cpu_avx2"] or not info["cpu_avx512"]
     if info["cuda"] is not None:
         assert info["cuda_archs"], "a CUDA build must list the archs it holds"
         assert all(arch.isdigit() for arch in info["cuda_archs"])

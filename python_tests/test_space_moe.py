@@ -9,7 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
+import raphael_ext
 from raphael_ext.ops import empty_cpu_cache, space_moe, space_moe_plan
 
 from helpers import CUDA, DEVICES, assert_close_rel
@@ -231,6 +233,38 @@ def test_thread_count_does_not_change_the_result():
 def test_float32_wide_channels():
     """C = 40: the CPU's vectorised combine in blocks of 32 channels and then of 8, with constant terms present."""
     check_against_reference(make_space_inputs(2, 33, 7, 40, 24, 4, torch.float32, lengths=[7, 4]))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_float32_gelu_epilogue_widths(recompute):
+    """F = 48 takes the AVX-512 epilogues where the CPU and ATEN_CPU_CAPABILITY allow them, F = 24 the AVX2 ones."""
+    for F_ in (48, 24):
+        check_against_reference(make_space_inputs(2, 33, 7, 16, F_, 3, torch.float32, lengths=[7, 4]),
+                                recompute=recompute)
+
+
+@pytest.mark.skipif(not raphael_ext.build_info()["cpu_avx512"], reason="the CPU kernels run without AVX-512 here")
+def test_avx512_and_avx2_epilogues_agree_bit_for_bit(tmp_path):
+    """The same forward and backward in a process held at AVX2 (ATEN_CPU_CAPABILITY=avx2, as PyTorch honours it)."""
+    code = ("import sys, torch, raphael_ext; sys.path.insert(0, sys.argv[1]); from safetensors.torch import save_file\n"
+            "from test_space_moe import epilogue_outputs\n"
+            "assert not raphael_ext.build_info()['cpu_avx512']\n"
+            "save_file(epilogue_outputs(), sys.argv[2])")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    subprocess.run([sys.executable, "-P", "-c", code, os.path.dirname(__file__), str(tmp_path / "avx2.safetensors")],
+                   env=env, check=True, capture_output=True, timeout=120)
+    avx2 = load_file(tmp_path / "avx2.safetensors")
+    for name, value in epilogue_outputs().items():
+        assert torch.equal(value, avx2[name]), name
+
+
+def epilogue_outputs():
+    """Output and gradients of a float32 space_moe whose F (64) takes the widest epilogues the process allows."""
+    x, mask, route, gate, w1, b1, w2, b2, _ = make_space_inputs(2, 40, 5, 16, 64, 3, torch.float32, density=0.6)
+    params = [t.requires_grad_() for t in (x, gate, w1, b1, w2, b2)]
+    out = space_moe(params[0], mask, route, params[1], *params[2:], recompute=False)
+    grads = torch.autograd.grad(out, params, torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return {"out": out.detach(), **{f"grad{i}": g for i, g in enumerate(grads)}}
 
 
 def large_hidden_inputs(density):

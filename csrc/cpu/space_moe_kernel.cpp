@@ -6,6 +6,7 @@
 #include "moe_cpu.h"
 #include "row_buffer_cache.h"
 #include "vec_math_avx2.h"
+#include "vec_math_avx512.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -114,6 +115,71 @@ RAPHAEL_AVX2 void gelu_backward_avx2(const float* pre, const float* bias, float*
   }
 }
 
+#if RAPHAEL_HAVE_AVX512_PATH
+// GCC 12 takes the intrinsics' deliberately undefined source lanes for uninitialised values (GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// The two epilogues above on 16 lanes (F a multiple of 16), with the same operations in the same order: their
+// results equal the AVX2 ones bit for bit.
+RAPHAEL_AVX512 inline void normal_cdf_pdf(__m512 x, __m512* cdf, __m512* pdf) {
+  const __m512i sign_bit = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512i sign = _mm512_and_epi32(_mm512_castps_si512(z), sign_bit);
+  const __m512 az = _mm512_castsi512_ps(_mm512_xor_epi32(_mm512_castps_si512(z), sign));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az, one));
+  __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+  poly = _mm512_mul_ps(poly, t);
+  const __m512 e = avx512::exp(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
+  const __m512 erf =
+      _mm512_castsi512_ps(_mm512_or_epi32(_mm512_castps_si512(_mm512_fnmadd_ps(poly, e, one)), sign));
+  *cdf = _mm512_fmadd_ps(_mm512_set1_ps(0.5f), erf, _mm512_set1_ps(0.5f));
+  *pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.39894228040143268f));
+}
+
+RAPHAEL_AVX512 void bias_gelu_avx512(float* pre, const float* bias, float* hidden, int64_t rows, int64_t F,
+                                     bool store_pre) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = pre + r * F;
+    float* h = hidden + r * F;
+    for (int64_t f = 0; f < F; f += 16) {
+      const __m512 x = _mm512_add_ps(_mm512_loadu_ps(p + f), _mm512_loadu_ps(bias + f));
+      __m512 cdf, pdf;
+      normal_cdf_pdf(x, &cdf, &pdf);
+      if (store_pre) _mm512_storeu_ps(p + f, x);
+      _mm512_storeu_ps(h + f, _mm512_mul_ps(x, cdf));
+    }
+  }
+}
+
+RAPHAEL_AVX512 void gelu_backward_avx512(const float* pre, const float* bias, float* hidden, float* dpre,
+                                         float* colsum, int64_t rows, int64_t F) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = pre + r * F;
+    float* h = hidden + r * F;
+    float* d = dpre + r * F;
+    for (int64_t f = 0; f < F; f += 16) {
+      __m512 x = _mm512_loadu_ps(p + f);
+      if (bias != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + f));
+      __m512 cdf, pdf;
+      normal_cdf_pdf(x, &cdf, &pdf);
+      _mm512_storeu_ps(h + f, _mm512_mul_ps(x, cdf));
+      const __m512 dp = _mm512_mul_ps(_mm512_loadu_ps(d + f), _mm512_fmadd_ps(x, pdf, cdf));
+      _mm512_storeu_ps(d + f, dp);
+      _mm512_storeu_ps(colsum + f, _mm512_add_ps(_mm512_loadu_ps(colsum + f), dp));
+    }
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
 // One grouped row of the backward's gather (C a multiple of 8): g = s * dy, db2 += s * dy; returns
 // dy . out, the gate's dweight of the pair.
 RAPHAEL_AVX2 float gather_grad_row_avx2(const float* dy, const float* out, float s, float* g, float* db2, int64_t C) {
@@ -157,13 +223,24 @@ RAPHAEL_AVX2 void weighted_sum_avx2(const float* const* rows, const float* scale
 }
 #endif
 
-// Whether the fused AVX2 epilogues apply: float32 rows of a multiple of 8 on a CPU with AVX2 and FMA.
-bool fused_gelu(const at::Tensor& x, int64_t F) {
+// The fused GELU epilogues for float32 rows of F channels (AVX-512 or AVX2), or none where ATen's GELU ops run.
+struct GeluEpilogues {
+  void (*forward)(float* pre, const float* bias, float* hidden, int64_t rows, int64_t F, bool store_pre) = nullptr;
+  void (*backward)(const float* pre, const float* bias, float* hidden, float* dpre, float* colsum, int64_t rows,
+                   int64_t F) = nullptr;
+  bool fused() const { return forward != nullptr; }
+};
+
+GeluEpilogues gelu_epilogues(const at::Tensor& x, int64_t F) {
 #if RAPHAEL_HAVE_AVX2_PATH
-  return x.scalar_type() == at::kFloat && F % 8 == 0 && avx2::cpu_has_avx2_fma();
-#else
-  return false;
+  if (x.scalar_type() == at::kFloat && F % 8 == 0 && avx2::cpu_has_avx2_fma()) {
+#if RAPHAEL_HAVE_AVX512_PATH
+    if (F % 16 == 0 && avx512::enabled()) return {bias_gelu_avx512, gelu_backward_avx512};
 #endif
+    return {bias_gelu_avx2, gelu_backward_avx2};
+  }
+#endif
+  return {};
 }
 
 // dst[i] = src[token[i]] for the block's rows (any dtype: rows are copied as bytes).
@@ -343,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
   const at::Tensor x = tokens.contiguous();
   at::Tensor out = empty_cached({rows, C}, x.options());
   at::Tensor pre = empty_cached({save_pre ? rows : 0, F}, x.options());
-  const bool fused = fused_gelu(x, F);
+  const GeluEpilogues epilogue = gelu_epilogues(x, F);
   const at::Tensor bias1 = b1.contiguous();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
     const at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
@@ -356,12 +433,10 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
       gather_rows(x, token.data() + blk.first, a);
       at::Tensor p = save_pre ? pre.narrow(0, blk.first, blk.rows) : pre_block.narrow(0, 0, blk.rows);
       at::Tensor h = hidden_block.narrow(0, 0, blk.rows);
-      if (fused) {
-#if RAPHAEL_HAVE_AVX2_PATH
+      if (epilogue.fused()) {
         at::mm_out(p, a, w1[blk.expert]);
-        bias_gelu_avx2(p.data_ptr<float>(), bias1.const_data_ptr<float>() + blk.expert * F, h.data_ptr<float>(),
-                       blk.rows, F, save_pre);
-#endif
+        epilogue.forward(p.data_ptr<float>(), bias1.const_data_ptr<float>() + blk.expert * F, h.data_ptr<float>(),
+                         blk.rows, F, save_pre);
       } else {
         at::addmm_out(p, b1[blk.expert], a, w1[blk.expert]);
         at::gelu_out(h, p);
@@ -410,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Per-block bias gradients in the accumulation dtype, summed per expert in block order.
   at::Tensor db1_blocks = at::zeros({num_blocks, F}, options.dtype(acc));
   at::Tensor db2_blocks = at::zeros({num_blocks, C}, options.dtype(acc));
-  const bool fused = fused_gelu(x, F);
+  const GeluEpilogues epilogue = gelu_epilogues(x, F);
   const at::Tensor bias1 = b1.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "space_moe_ffn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -444,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             scalar_t* gr = gp + r * C;
             const acc_t s = wp[j * E + k];
 #if RAPHAEL_HAVE_AVX2_PATH
-            if (std::is_same_v<scalar_t, float> && fused && C % 8 == 0) {  // casts are no-ops when taken
+            if (std::is_same_v<scalar_t, float> && epilogue.fused() && C % 8 == 0) {  // casts are no-ops when taken
               dwp[j * E + k] = gather_grad_row_avx2(reinterpret_cast<const float*>(dyj),
                                                     reinterpret_cast<const float*>(outr), static_cast<float>(s),
                                                     reinterpret_cast<float*>(gr), reinterpret_cast<float*>(db2_i), C);
@@ -466,15 +541,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at::Tensor h = hidden.narrow(0, blk.first - start, blk.rows);
           at::Tensor p = saved_pre.has_value() ? saved_pre->narrow(0, blk.first, blk.rows)
                                                : pre_block.narrow(0, 0, blk.rows);
-          if (fused) {
-#if RAPHAEL_HAVE_AVX2_PATH
+          if (epilogue.fused()) {
             // Recomputed without the bias: the epilogue adds it on the fly.
             if (!saved_pre.has_value()) at::mm_out(p, a_rows, w1[k]);
-            gelu_backward_avx2(p.const_data_ptr<float>(),
-                               saved_pre.has_value() ? nullptr : bias1.const_data_ptr<float>() + k * F,
-                               h.data_ptr<float>(), dp.data_ptr<float>(), db1_blocks.data_ptr<float>() + i * F,
-                               blk.rows, F);
-#endif
+            epilogue.backward(p.const_data_ptr<float>(),
+                              saved_pre.has_value() ? nullptr : bias1.const_data_ptr<float>() + k * F,
+                              h.data_ptr<float>(), dp.data_ptr<float>(), db1_blocks.data_ptr<float>() + i * F,
+                              blk.rows, F);
           } else {
             if (!saved_pre.has_value()) at::addmm_out(p, b1[k], a_rows, w1[k]);
             at::gelu_out(h, p);
