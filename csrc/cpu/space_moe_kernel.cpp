@@ -26,8 +26,8 @@ namespace {
 
 constexpr int64_t kTokenGrain = 32;  // image tokens per parallel task
 // Grouped rows per block of the fused FFN, at most. Every single-threaded GEMM call packs its whole weight matrix
-// again, so short blocks pay that once per few rows: on 2 cores a training step of the benchmark's shape (F = 1024)
-// is 3-6 % faster with 384 rows than with 128 (256: 1 %, 512 and more: slower; at F = 1024 a [384, F] block is 1.5 MiB, within L2).
+// again, so short blocks pay that once per few rows: on 2 cores a training step of the benchmark's shape is 3-6 %
+// faster with 384 rows than with 128 (256: 1 %; 512 and more: slower). At F = 1024 a [384, F] block is 1.5 MiB.
 constexpr int64_t kFfnRows = 384;
 
 // A block of at most kFfnRows grouped rows of one expert.
