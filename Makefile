@@ -21,11 +21,10 @@ DATE := $(shell date +%Y-%m-%d)
 
 all: install
 
-# --no-compile: modules are byte-compiled when first imported instead of all at install (a third of its time).
 $(VENV)/.deps-installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 deps: $(VENV)/.deps-installed

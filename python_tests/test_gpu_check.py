@@ -34,7 +34,9 @@ def test_rehearsal_keeps_results_of_interrupted_stages_and_holds_the_deadline(tm
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_PREBUILT": str(prebuilt), "GPU_CHECK_DEADLINE": str(deadline),
            "GPU_CHECK_LIMIT_tests": str(tests_limit), "GPU_CHECK_TESTS": tests,  # more than tests_limit of tests
-           "GPU_CHECK_BENCHMARKS": "benchmarks/test_focal_loss.py benchmarks/test_moe.py"}  # quick ones first
+           "GPU_CHECK_BENCHMARKS": "benchmarks/test_focal_loss.py benchmarks/test_moe.py",  # quick ones first
+           # The deadline may kill a torch.compile mid-build: its half-written kernels stay out of the shared cache.
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     for name in [n for n in env if n == "PYTHONPATH" or n.startswith("PYTEST_")]:  # this pytest's (xdist's) own
         env.pop(name)
     start = time.monotonic()
