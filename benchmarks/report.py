@@ -22,14 +22,24 @@ def group_results(entries):
 
 
 def format_table(entries) -> list[str]:
-    """Markdown table: time, bandwidth over the bytes the op must move, and raphael_ext's speed-up per peer."""
-    lines = ["| case | provider | median | GB/s | raphael_ext speed-up |", "|---|---|---:|---:|---:|"]
+    """Markdown table: time, bandwidth over the bytes the op must move, and raphael_ext's speed-up per peer; where a
+    benchmark measured them, its speed-up paired round by round with its peer (median / fastest rounds: robust to load
+    from other processes, unlike the speed-up of medians timed apart) and the memory it allocates (peak / kept
+    between the passes)."""
+    lines = ["| case | provider | median | GB/s | raphael_ext speed-up | paired speed-up | peak / kept MiB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    extra = {(e["group"], e["provider"]): e for e in entries}
     for group, providers in group_results(entries).items():
         ours = providers.get(OURS)
         for provider, (median, nbytes) in sorted(providers.items(), key=lambda kv: kv[1][0]):
+            info = extra[group, provider]
             bandwidth = f"{nbytes / median / 1e9:.1f}" if nbytes else ""
             speedup = f"x{median / ours[0]:.2f}" if ours and provider != OURS else ""
-            lines.append(f"| {group} | {provider} | {median * 1e3:.3f} ms | {bandwidth} | {speedup} |")
+            paired = (f"x{info['paired_median_speedup']:.2f} / x{info['paired_min_speedup']:.2f}"
+                      if "paired_median_speedup" in info else "")
+            memory = f"{info['peak_mib']:.1f} / {info['kept_mib']:.1f}" if "peak_mib" in info else ""
+            cells = [group, provider, f"{median * 1e3:.3f} ms", bandwidth, speedup, paired, memory]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

@@ -236,7 +236,7 @@ def test_space_moe_forward_backward(run, benchmark, device, dtype, B, N_x, C, F_
     run(step, device, rounds=5 if device == "cpu" else 20, warmup=1 if device == "cpu" else 3)
 
 
-def paired_speedup(step, params, mask, route, rounds=9):
+def paired_speedup(step, params, mask, route, rounds=15):
     """The PyTorch plan's time over ours with the two alternating round by round, so that load from other
     processes on a shared machine hits both alike, and which goes first alternating too (each leaves the allocator
     and caches to the other): the ratio of the medians and of the fastest rounds."""
