@@ -7,7 +7,8 @@
 - space_moe forward + backward, saving the hidden activations and recomputing them, each vs the PyTorch plan
   and vs its GEMMs alone (the ceiling),
   with the peak memory of each (extra_info: peak_mib during forward + backward, kept_mib between the passes).
-- time_moe forward + backward: vs a loop over samples and F.grouped_mm on the samples sorted by expert.
+- time_moe forward + backward, keeping or recomputing the first GEMM: vs a loop over samples and F.grouped_mm on
+  the samples sorted by expert.
 Goals (read from the table, not asserted): GPU grouped_gemm >= 85 % of dense and >= 1.1x F.grouped_mm at
 T = 16 384, C = 1024, F = 4096, E = 6 (bf16), plan <= 20 us, space_moe >= 10x naive; CPU (B=2, N_x=1024, N_y=40,
 C=256, F=1024, E=6, fp32) space_moe >= 10x naive and >= 1.5x the pure-PyTorch plan, forward + backward >= 1.25x
@@ -15,6 +16,7 @@ the plan when saving and >= 1.0x when recomputing. Masks are Bernoulli with dens
 covered by ~8 of the 40 text tokens).
 """
 
+import functools
 import statistics
 import time
 
@@ -278,7 +280,10 @@ def time_moe_grouped_mm(x, route, w1, b1, w2, b2):
     return torch.empty_like(x).index_copy_(0, order, out.view(B, N, C))
 
 
-@pytest.mark.parametrize("provider", ["raphael_ext", "loop over samples", "F.grouped_mm"])
+TIME_PROVIDERS = ["raphael_ext", "raphael_ext, recompute=True", "loop over samples", "F.grouped_mm"]
+
+
+@pytest.mark.parametrize("provider", TIME_PROVIDERS)
 @pytest.mark.parametrize("device,dtype,B,N,C,F_", TIME_CASES, ids=lambda c: _name(c) if isinstance(c, torch.dtype) else str(c))
 def test_time_moe_forward_backward(run, benchmark, device, dtype, B, N, C, F_, provider):
     g = torch.Generator().manual_seed(0)
@@ -289,7 +294,8 @@ def test_time_moe_forward_backward(run, benchmark, device, dtype, B, N, C, F_, p
     w2 = (torch.randn(TIME_EXPERTS, F_, C, generator=g) * F_**-0.5).to(device, dtype)
     b2 = (torch.randn(TIME_EXPERTS, C, generator=g) * 0.1).to(device, dtype)
     params = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
-    fn = {"raphael_ext": time_moe, "loop over samples": time_moe_loop, "F.grouped_mm": time_moe_grouped_mm}[provider]
+    fn = {"raphael_ext": time_moe, "raphael_ext, recompute=True": functools.partial(time_moe, recompute=True),
+          "loop over samples": time_moe_loop, "F.grouped_mm": time_moe_grouped_mm}[provider]
 
     def step():
         out = fn(params[0], route, *params[1:])

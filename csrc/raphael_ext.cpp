@@ -67,8 +67,10 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def(
       "space_moe_plan(Tensor mask, Tensor route, Tensor gate, Tensor? text_lengths, int num_experts) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Composite (csrc/composite/time_moe.cpp): autograd comes from grouped_gemm's.
-  m.def("time_moe(Tensor x, Tensor route, Tensor w1, Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+  // Composite (csrc/composite/time_moe.cpp): autograd comes from grouped_gemm's and GELU's. recompute: the backward
+  // recomputes the first GEMM instead of keeping its output.
+  m.def(
+      "time_moe(Tensor x, Tensor route, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool recompute=False) -> Tensor");
 }
 
 namespace {
@@ -150,12 +152,12 @@ at::Tensor space_moe(const at::Tensor& x, const at::Tensor& mask, const at::Tens
 }
 
 at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tensor& w1, const at::Tensor& b1,
-                    const at::Tensor& w2, const at::Tensor& b2) {
+                    const at::Tensor& w2, const at::Tensor& b2, bool recompute) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("raphael_ext::time_moe", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(x, route, w1, b1, w2, b2);
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(x, route, w1, b1, w2, b2, recompute);
 }
 
 }  // namespace
@@ -181,5 +183,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("text_lengths") = py::none(),
         "torch.ops.raphael_ext.space_moe through the dispatcher; returns y (autograd once raphael_ext is imported).");
   m.def("time_moe", &raphael_ext::time_moe, py::arg("x"), py::arg("route"), py::arg("w1"), py::arg("b1"),
-        py::arg("w2"), py::arg("b2"), "torch.ops.raphael_ext.time_moe through the dispatcher.");
+        py::arg("w2"), py::arg("b2"), py::arg("recompute") = false,
+        "torch.ops.raphael_ext.time_moe through the dispatcher.");
 }

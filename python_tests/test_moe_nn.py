@@ -82,15 +82,37 @@ def test_space_moe_recompute_switch():
         torch.testing.assert_close(a, b)
 
 
-def test_unet_config_sets_the_recompute_switch_of_every_space_moe():
+def test_time_moe_recompute_switch():
+    """recompute=True gives the same output and gradients while autograd keeps one [B * N, F] buffer, not two."""
+    torch.manual_seed(0)
+    x, t_emb = torch.randn(5, 6, 16), torch.randn(5, 8)
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = TimeMoE(16, 8, 3, hidden_mult=2, recompute=recompute).eval()
+        assert f"recompute={recompute}" in repr(layer)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+            out = layer(x, t_emb).out
+        out.square().sum().backward()
+        results[recompute] = (out, [p.grad for p in layer.parameters()])
+        assert kept.count((5 * 6, 32)) == (1 if recompute else 2)
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("key,layer", [("space_moe_recompute", SpaceMoE), ("time_moe_recompute", TimeMoE)])
+def test_unet_config_sets_the_recompute_switch_of_every_expert_layer(key, layer):
     from raphael_ext import RaphaelUNet
 
     default = RaphaelUNet.from_preset("tiny")
-    recomputing = RaphaelUNet.from_preset("tiny", space_moe_recompute=True)
-    assert recomputing.config.space_moe_recompute
-    layers = [m for m in recomputing.modules() if isinstance(m, SpaceMoE)]
+    recomputing = RaphaelUNet.from_preset("tiny", **{key: True})
+    assert recomputing.config[key]
+    layers = [m for m in recomputing.modules() if isinstance(m, layer)]
     assert layers and all(m.recompute for m in layers)
-    assert not any(m.recompute for m in default.modules() if isinstance(m, SpaceMoE))
+    assert not any(m.recompute for m in recomputing.modules() if isinstance(m, (SpaceMoE, TimeMoE)) and m not in layers)
+    assert not any(m.recompute for m in default.modules() if isinstance(m, (SpaceMoE, TimeMoE)))
 
 
 def test_gate_noise_only_in_training():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from raphael_ext.ops import time_moe
 
@@ -19,12 +20,12 @@ def make_inputs(B, N, C, F_, E, dtype, device, seed=0, route=None):
     return x, route.to(device), *make_experts(E, C, F_, dtype, device, seed + 1)
 
 
-def check(inputs):
+def check(inputs, recompute=False):
     x, route, *weights = inputs
     dtype, device = x.dtype, x.device
     rtol = moe_rtol(dtype, device)
     ours = [t.detach().clone().requires_grad_() for t in (x, *weights)]
-    out = time_moe(ours[0], route, *ours[1:])
+    out = time_moe(ours[0], route, *ours[1:], recompute=recompute)
     ref = to_reference(x, *weights)
     expected = naive_time_moe(ref[0], route.cpu(), *ref[1:])
     assert out.dtype == dtype and out.shape == x.shape
@@ -36,10 +37,40 @@ def check(inputs):
         assert_close_rel(g_, torch.zeros_like(g_, dtype=torch.float64) if w is None else w, dtype, f"d{name}", rtol=rtol)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_per_sample_loop(device, dtype):
-    check(make_inputs(5, 17, 16, 24, 4, dtype, device, route=[3, 0, 3, 1, 0]))  # expert 2 unused
+def test_matches_per_sample_loop(device, dtype, recompute):
+    check(make_inputs(5, 17, 16, 24, 4, dtype, device, route=[3, 0, 3, 1, 0]), recompute)  # expert 2 unused
+
+
+@pytest.mark.parametrize("recompute,gemms", [(False, 2), (True, 3)])
+def test_backward_recomputes_the_first_gemm_only_when_asked(recompute, gemms):
+    """Saving, the backward runs the two input-gradient grouped GEMMs; recomputing, the first GEMM again too.
+    Both give the same gradients."""
+    x, route, *weights = make_inputs(4, 6, 8, 12, 3, torch.float64, "cpu", route=[2, 0, 2, 1])
+    args = [t.clone().requires_grad_() for t in (x, *weights)]
+    out = time_moe(args[0], route, *args[1:], recompute=recompute)
+    with GroupedGemmCounter() as counter:
+        grads = torch.autograd.grad(out, args, torch.ones_like(out))
+    assert counter.calls == gemms
+    reference = [t.clone().requires_grad_() for t in (x, *weights)]
+    expected = torch.autograd.grad(time_moe(reference[0], route, *reference[1:], recompute=not recompute), reference,
+                                   torch.ones_like(out))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+class GroupedGemmCounter(TorchDispatchMode):
+    """Counts the grouped_gemm calls that reach the dispatcher's kernels."""
+
+    def __enter__(self):
+        self.calls = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.raphael_ext.grouped_gemm.default
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,17 +88,19 @@ def test_non_contiguous_inputs(device):
     check((x_nc, route.int(), w1, b1, w2_nc, b2))
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_gradcheck_float64(recompute):
     x, route, *weights = make_inputs(3, 4, 3, 5, 3, torch.float64, "cpu", route=[1, 1, 0])
     args = [t.clone().requires_grad_() for t in (x, *weights)]
-    assert torch.autograd.gradcheck(lambda x, *w: time_moe(x, route, *w), args)
+    assert torch.autograd.gradcheck(lambda x, *w: time_moe(x, route, *w, recompute=recompute), args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     x, route, *weights = make_inputs(3, 5, 8, 8, 2, torch.float32, device)
     torch.library.opcheck(OP, (x, route, *weights))
-    torch.library.opcheck(OP, (x.requires_grad_(), route, *[w.requires_grad_() for w in weights]))
+    for recompute in (False, True):
+        torch.library.opcheck(OP, (x.requires_grad_(), route, *[w.requires_grad_() for w in weights], recompute))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -215,11 +215,17 @@ class SpaceMoE(_ExpertLayer):
 class TimeMoE(_ExpertLayer):
     """RAPHAEL's time-MoE layer (docs/kernels.md): the time gate FFN picks one expert per sample from the timestep
     embedding; out = x + g * expert(x), with g = p / p.detach() (value 1) so the gate learns through p.
-    num_experts = 0 turns the layer off (out = x). Arguments as SpaceMoE, with time_dim the embedding width."""
+    num_experts = 0 turns the layer off (out = x). Arguments as SpaceMoE, with time_dim the embedding width
+    (recompute: time_moe's)."""
 
     def __init__(self, dim: int, time_dim: int, num_experts: int, hidden_mult: int = 4, gate_noise: float = 0.1,
-                 gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False):
+                 gate_hidden: Optional[int] = None, balance_loss: bool = False, pre_norm: bool = False,
+                 recompute: bool = False):
         super().__init__(dim, time_dim, num_experts, hidden_mult, gate_noise, gate_hidden, balance_loss, pre_norm)
+        self.recompute = recompute
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recompute={self.recompute}"
 
     def forward(self, x: Tensor, time_embedding: Tensor) -> MoEOutput:
         """x [B, N, C], time_embedding [B, time_dim]."""
@@ -227,7 +233,8 @@ class TimeMoE(_ExpertLayer):
             return MoEOutput(x, None, None)
         route, probs, gate = _route(self.gate(time_embedding), self.gate_noise, self.training)
         h = self._expert_input(x)
-        out = x + gate.to(h.dtype).view(-1, 1, 1) * self.experts(h, time_moe, before=(route,))
+        mixture = self.experts(h, time_moe, before=(route,), after=(self.recompute,))
+        out = x + gate.to(h.dtype).view(-1, 1, 1) * mixture
         balance = _balance_loss(probs, route, torch.ones_like(route, dtype=torch.bool)) if self.balance_loss else None
         return MoEOutput(out, route, balance)
 

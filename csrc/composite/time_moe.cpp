@@ -16,7 +16,7 @@ namespace raphael_ext {
 namespace {
 
 at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tensor& w1, const at::Tensor& b1,
-                    const at::Tensor& w2, const at::Tensor& b2) {
+                    const at::Tensor& w2, const at::Tensor& b2, bool recompute) {
   constexpr std::string_view op = "time_moe";
   check_floating(op, x, "x");
   check_dim(op, x, "x", 3);
@@ -41,7 +41,10 @@ at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tens
   const at::Tensor counts = at::zeros({E}, r.options()).scatter_add(0, r, at::ones_like(r));
   const at::Tensor offsets = (counts.cumsum(0) * N).to(at::kInt);
   const at::Tensor sorted = x.index_select(0, order).reshape({B * N, C});
-  const at::Tensor hidden = grouped_gemm.call(sorted, w1, offsets, b1, c10::string_view("gelu"));
+  // GELU inside the grouped GEMM: its backward recomputes the pre-activation (one more GEMM, nothing [T, F] kept
+  // but the input). GELU as its own op: autograd keeps the pre-activation, and the backward skips that GEMM.
+  const at::Tensor hidden = recompute ? grouped_gemm.call(sorted, w1, offsets, b1, c10::string_view("gelu"))
+                                      : at::gelu(grouped_gemm.call(sorted, w1, offsets, b1, std::nullopt));
   const at::Tensor out = grouped_gemm.call(hidden, w2, offsets, b2, std::nullopt);
   const at::Tensor inverse = at::empty_like(order).scatter_(0, order, at::arange(B, order.options()));
   return out.view({B, N, C}).index_select(0, inverse);

@@ -179,7 +179,7 @@ class RaphaelBlock(nn.Module):
 
     def __init__(self, dim: int, head_dim: int, text_dim: int, time_dim: int, alpha: float, dropout: float,
                  space_experts: int, time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool,
-                 space_moe_recompute: bool = False):
+                 space_moe_recompute: bool = False, time_moe_recompute: bool = False):
         super().__init__()
         heads = dim // head_dim
         self.norm1 = nn.LayerNorm(dim)
@@ -187,7 +187,7 @@ class RaphaelBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.cross = MaskedCrossAttention(dim, text_dim, heads, alpha=alpha, dropout=dropout)
         moe = dict(hidden_mult=expert_hidden_mult, gate_noise=gate_noise, balance_loss=balance_loss, pre_norm=True)
-        self.time_moe = TimeMoE(dim, time_dim, time_experts, **moe)
+        self.time_moe = TimeMoE(dim, time_dim, time_experts, recompute=time_moe_recompute, **moe)
         self.space_moe = SpaceMoE(dim, text_dim, space_experts, recompute=space_moe_recompute, **moe)
 
     def forward(self, h: Tensor, text: Tensor, text_lengths: Tensor, temb: Tensor) -> Tuple[Tensor, BlockAux]:
@@ -427,6 +427,7 @@ class RaphaelUNet(LegacyConfigNamesMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         space_moe_recompute (`bool`, defaults to `False`): Every space-MoE recomputes its experts' hidden activations
             in the backward instead of keeping them from the forward (less memory, slower; `nn.SpaceMoE`'s
             `recompute`).
+        time_moe_recompute (`bool`, defaults to `False`): The same for every time-MoE (`nn.TimeMoE`'s `recompute`).
     """
 
     _supports_gradient_checkpointing = True
@@ -466,6 +467,7 @@ class RaphaelUNet(LegacyConfigNamesMixin, ModelMixin, ConfigMixin, PeftAdapterMi
         latent: bool = False,
         patch_size: int = 1,
         space_moe_recompute: bool = False,
+        time_moe_recompute: bool = False,
         **kwargs,
     ):
         super().__init__()
@@ -493,7 +495,8 @@ class RaphaelUNet(LegacyConfigNamesMixin, ModelMixin, ConfigMixin, PeftAdapterMi
             raise ValueError(f"RaphaelUNet: patch_size must be at least 1, got {patch_size}")
         block_args = raphael_block_args(channels[0], head_dim, text_dim, alpha, dropout,
                                         space_experts if use_space_moe else 0, time_experts if use_time_moe else 0,
-                                        expert_hidden_mult, gate_noise, balance_loss, space_moe_recompute)
+                                        expert_hidden_mult, gate_noise, balance_loss, space_moe_recompute,
+                                        time_moe_recompute)
         ch = self._build_encoder(in_channels, channels, layers_per_level, attention_levels, norm_groups, dropout,
                                  block_args, pooled_text, positional_embedding, patch_size)
         skips = down_stage_widths(channels, layers_per_level)
@@ -627,11 +630,12 @@ class RaphaelUNet(LegacyConfigNamesMixin, ModelMixin, ConfigMixin, PeftAdapterMi
 
 def raphael_block_args(c0: int, head_dim: int, text_dim: int, alpha: float, dropout: float, space_experts: int,
                        time_experts: int, expert_hidden_mult: int, gate_noise: float, balance_loss: bool,
-                       space_moe_recompute: bool = False) -> dict:
+                       space_moe_recompute: bool = False, time_moe_recompute: bool = False) -> dict:
     """RaphaelBlock's arguments besides its width (the time embedding is 4 x the first level's width)."""
     return dict(head_dim=head_dim, text_dim=text_dim, time_dim=4 * c0, alpha=alpha, dropout=dropout,
                 space_experts=space_experts, time_experts=time_experts, expert_hidden_mult=expert_hidden_mult,
-                gate_noise=gate_noise, balance_loss=balance_loss, space_moe_recompute=space_moe_recompute)
+                gate_noise=gate_noise, balance_loss=balance_loss, space_moe_recompute=space_moe_recompute,
+                time_moe_recompute=time_moe_recompute)
 
 
 def preset_config(name: str, **overrides) -> dict:

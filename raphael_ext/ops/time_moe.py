@@ -4,7 +4,8 @@ import torch
 from torch import Tensor
 
 
-def time_moe(x: Tensor, route: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+def time_moe(x: Tensor, route: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+             recompute: bool = False) -> Tensor:
     """y[b] = GELU(x[b] w1[r] + b1[r]) w2[r] + b2[r] with r = route[b]: every token of a sample through its expert.
 
     Args:
@@ -20,12 +21,17 @@ def time_moe(x: Tensor, route: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
             Second layer of each expert FFN.
         b2 (`torch.Tensor` of shape `(E, C)`):
             Its bias.
+        recompute (`bool`, defaults to `False`):
+            What the backward does for the first GEMM's output (B x N x F): False (default, faster) keeps it from the
+            forward; True recomputes it with one grouped GEMM more, so that one such buffer lives between the passes
+            instead of two (the GELU output, which the second GEMM's weight gradient needs, is kept either way).
 
     Returns:
         `torch.Tensor` of shape `(B, N, C)`.
 
     A composite op (csrc/composite/time_moe.cpp): samples are stably sorted by expert and run through two grouped
-    GEMMs, so autograd, fake tensors and torch.compile come from grouped_gemm. An out-of-range route raises on the
-    CPU and trips a device-side assert on the GPU (checking it on the host would synchronise).
+    GEMMs, so autograd, fake tensors and torch.compile come from grouped_gemm (and from GELU when saving). An
+    out-of-range route raises on the CPU and trips a device-side assert on the GPU (checking it on the host would
+    synchronise).
     """
-    return torch.ops.raphael_ext.time_moe(x, route, w1, b1, w2, b2)
+    return torch.ops.raphael_ext.time_moe(x, route, w1, b1, w2, b2, recompute)
