@@ -63,43 +63,39 @@ def test_space_gate_gets_gradient_through_the_chosen_probability():
     torch.testing.assert_close(g_layer, g_manual)
 
 
-def test_space_moe_recompute_switch():
-    """recompute=True gives the same output and gradients while autograd keeps no [pairs, F] hidden activations."""
-    x, text, mask = space_inputs()
-    results = {}
+def run_both_modes(make_layer, *inputs):
+    """The layer built with recompute False and True from one seed: per mode, the shapes autograd keeps between the
+    passes; both modes must give the same output and parameter gradients."""
+    results, kept = {}, {}
     for recompute in (False, True):
         torch.manual_seed(0)
-        layer = SpaceMoE(16, 8, 3, hidden_mult=2, recompute=recompute).eval()
+        layer = make_layer(recompute).eval()
         assert f"recompute={recompute}" in repr(layer)
-        kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
-            out = layer(x, text, mask).out
+        kept[recompute] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept[recompute].append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            out = layer(*inputs).out
         out.square().sum().backward()
         results[recompute] = (out, [p.grad for p in layer.parameters()])
-        assert ((2 * 12 * 3, 32) in kept) == (not recompute)  # [B * N_x * min(E, N_y), F]
     torch.testing.assert_close(results[True][0], results[False][0])
     for a, b in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(a, b)
+    return kept
+
+
+def test_space_moe_recompute_switch():
+    """recompute=True gives the same output and gradients while autograd keeps no [pairs, F] hidden activations."""
+    kept = run_both_modes(lambda recompute: SpaceMoE(16, 8, 3, hidden_mult=2, recompute=recompute), *space_inputs())
+    hidden = (2 * 12 * 3, 32)  # [B * N_x * min(E, N_y), F]
+    assert hidden in kept[False] and hidden not in kept[True]
 
 
 def test_time_moe_recompute_switch():
     """recompute=True gives the same output and gradients while autograd keeps one [B * N, F] buffer, not two."""
     torch.manual_seed(0)
     x, t_emb = torch.randn(5, 6, 16), torch.randn(5, 8)
-    results = {}
-    for recompute in (False, True):
-        torch.manual_seed(0)
-        layer = TimeMoE(16, 8, 3, hidden_mult=2, recompute=recompute).eval()
-        assert f"recompute={recompute}" in repr(layer)
-        kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
-            out = layer(x, t_emb).out
-        out.square().sum().backward()
-        results[recompute] = (out, [p.grad for p in layer.parameters()])
-        assert kept.count((5 * 6, 32)) == (1 if recompute else 2)
-    torch.testing.assert_close(results[True][0], results[False][0])
-    for a, b in zip(results[True][1], results[False][1]):
-        torch.testing.assert_close(a, b)
+    kept = run_both_modes(lambda recompute: TimeMoE(16, 8, 3, hidden_mult=2, recompute=recompute), x, t_emb)
+    assert kept[False].count((5 * 6, 32)) == 2 and kept[True].count((5 * 6, 32)) == 1
 
 
 @pytest.mark.parametrize("key,layer", [("space_moe_recompute", SpaceMoE), ("time_moe_recompute", TimeMoE)])
