@@ -82,7 +82,9 @@ def test_num_images_per_prompt_and_a_generator_per_image(pipe):
                  generator=torch.Generator().manual_seed(2)).images
     together = pipe(PROMPTS, num_images_per_prompt=2, num_inference_steps=2, output_type="np",
                     generator=generators).images
-    np.testing.assert_allclose(together[2], alone[0], atol=1e-5)  # prompt 1's first image, from generator 2
+    # Prompt 1's first image, from generator 2. Not the same bits: BLAS picks its kernels by the batch's size (on an
+    # AMD EPYC with MKL, 1.3e-5 apart).
+    np.testing.assert_allclose(together[2], alone[0], atol=1e-4)
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         pipe(PROMPTS, generator=generators[:3])
 
@@ -271,9 +273,9 @@ def test_lora_adapters_through_the_pipeline(tmp_path):
     pipe.load_lora_weights(tmp_path / "a", adapter_name="a")
     pipe.load_lora_weights(tmp_path / "b", adapter_name="b")
     pipe.set_adapters(["a", "b"], [0.5, 2.0])
-    pipe.fuse_lora()
+    pipe.fuse_lora()  # fusing and unfusing round the weights: the images move by up to ~1e-5
     np.testing.assert_allclose(sample(pipe), both, atol=1e-4)
     pipe.unfuse_lora()
-    np.testing.assert_allclose(sample(pipe), both, atol=1e-5)
+    np.testing.assert_allclose(sample(pipe), both, atol=1e-4)
     pipe.delete_adapters("b")
     assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}

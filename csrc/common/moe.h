@@ -373,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dgate = space_moe_gate_grad(dweight, dz, mask, route, text_lengths, s, gate.scalar_type());
 
   // The constant term sum_k z_jk c_k: dc_k = sum_j z_jk dy_j.
-  const at::Tensor dc = at::mm(z.t(), dy_acc).to(x.scalar_type());
+  const at::Tensor dc = Backend::constant_term_grad(z, dy_acc).to(x.scalar_type());
   dw2.baddbmm_(at::gelu(b1).unsqueeze(2), dc.unsqueeze(1));
   db2.add_(dc);
   db1.add_(at::bmm(w2, dc.unsqueeze(2)).squeeze(2) * at::gelu_backward(at::ones_like(b1), b1));

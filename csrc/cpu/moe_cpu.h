@@ -27,6 +27,7 @@ struct MoeBackend {
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& z,
                             const std::optional<at::Tensor>& c);
   static int64_t rows_used(const at::Tensor& offsets, int64_t capacity);
+  static at::Tensor constant_term_grad(const at::Tensor& z, const at::Tensor& grad);
 };
 
 }  // namespace raphael_ext::cpu

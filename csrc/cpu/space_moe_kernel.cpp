@@ -600,6 +600,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dx, dweight, dw1, db1.to(x.scalar_type()), dw2, db2.to(x.scalar_type())};
 }
 
+// dc[k] = sum_j z[j, k] grad[j] ([E, C]), each expert's row summed over the tokens in order by one task: the same bits
+// on any number of threads, where a BLAS GEMM splits this long inner dimension (the tokens) by threads.
+at::Tensor MoeBackend::constant_term_grad(const at::Tensor& z, const at::Tensor& grad) {
+  const at::Tensor g = grad.contiguous(), zz = z.to(grad.scalar_type()).contiguous();
+  const int64_t n = g.size(0), C = g.size(1), E = zz.size(1);
+  at::Tensor dc = at::zeros({E, C}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "space_moe_constant_term_grad_cpu", [&] {
+    const scalar_t* zp = zz.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* out = dc.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, E, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        scalar_t* row = out + k * C;
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t s = zp[j * E + k];
+          const scalar_t* src = gp + j * C;
+          for (int64_t c = 0; c < C; ++c) row[c] += s * src[c];
+        }
+      }
+    });
+  });
+  return dc;
+}
+
 int64_t MoeBackend::rows_used(const at::Tensor& offsets, int64_t /*capacity*/) {
   return offsets.numel() == 0 ? 0 : offsets.const_data_ptr<int32_t>()[offsets.numel() - 1];
 }

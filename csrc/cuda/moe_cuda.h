@@ -32,6 +32,7 @@ struct MoeBackend {
                             const std::optional<at::Tensor>& c);
   static at::Tensor pair_dot(const at::Tensor& rows, const at::Tensor& values, const at::Tensor& pair_index);
   static int64_t rows_used(const at::Tensor& offsets, int64_t capacity) { return capacity; }  // no device read
+  static at::Tensor constant_term_grad(const at::Tensor& z, const at::Tensor& grad) { return at::mm(z.t(), grad); }
 };
 
 enum class GemmKind {
