@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +54,22 @@ std::vector<RowBlock> row_blocks(const std::vector<int64_t>& ends) {
     start = ends[k];
   }
   return blocks;
+}
+
+// The order in which the forward's parallel loop takes the blocks. The loop hands each of its threads one
+// contiguous share of this order; ordered by their place within their expert (in as many slices as threads), the
+// shares hold about as many rows of every expert each, where in expert order one thread would take the larger
+// experts (on 2 threads the benchmark's 9197 rows split 4432 / 4765). Which thread runs a block never changes its
+// result.
+std::vector<int64_t> balanced_order(const std::vector<RowBlock>& blocks, int64_t threads) {
+  std::vector<int64_t> slice(blocks.size()), order(blocks.size());
+  for (size_t first = 0, last = 0; first < blocks.size(); first = last) {
+    while (last < blocks.size() && blocks[last].expert == blocks[first].expert) ++last;
+    for (size_t i = first; i < last; ++i) slice[i] = static_cast<int64_t>((i - first) * threads / (last - first));
+  }
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t l, int64_t r) { return slice[l] < slice[r]; });
+  return order;
 }
 
 // The image token of every grouped row (pair_index inverted), so blocks gather their rows themselves.
@@ -434,13 +451,14 @@ std::tuple<at::Tensor, at::Tensor> MoeBackend::expert_ffn(const at::Tensor& toke
   at::Tensor pre = empty_cached({save_pre ? rows : 0, F}, x.options());
   const GeluEpilogues epilogue = gelu_epilogues(x, F);
   const at::Tensor bias1 = b1.contiguous();
+  const std::vector<int64_t> order = balanced_order(blocks, at::get_num_threads());
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
     const at::NoGradGuard no_grad;  // grad mode is per thread: the pool's threads do not inherit the caller's
     at::Tensor a_block = at::empty({kFfnRows, C}, x.options());
     at::Tensor pre_block = save_pre ? at::Tensor() : at::empty({kFfnRows, F}, x.options());
     at::Tensor hidden_block = at::empty({kFfnRows, F}, x.options());
     for (int64_t i = first; i < last; ++i) {
-      const RowBlock& blk = blocks[i];
+      const RowBlock& blk = blocks[order[i]];
       at::Tensor a = a_block.narrow(0, 0, blk.rows);
       gather_rows(x, token.data() + blk.first, a);
       at::Tensor p = save_pre ? pre.narrow(0, blk.first, blk.rows) : pre_block.narrow(0, 0, blk.rows);
