@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raphael_ext.training.data import COLORS, FolderDataset, ShapeSpec, ShapesDataset, relation
+from raphael_ext.training.data import COLORS, FolderDataset, ShapeSpec, ShapesDataset, pixels_to_unit_range, relation
 
 
 def test_items_are_deterministic_and_seed_dependent():
@@ -65,6 +65,16 @@ def test_bucket_sizes_render_the_same_scene():
     data = ShapesDataset(10, 32, seed=0)
     small, wide = data[(3, 32, 32)], data[(3, 32, 64)]
     assert small["caption"] == wide["caption"] and wide["image"].shape == (3, 32, 64)
+
+
+def test_pixels_to_unit_range_is_torch_float32_arithmetic():
+    """Every byte value, in a permuted (non-contiguous) batch as the loaders stack them: the bits of torch's
+    x.float() / 127.5 - 1, 0 -> -1 and 255 -> 1."""
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 1).view(2, 3, 16, 16).permute(0, 1, 3, 2)
+    out = pixels_to_unit_range(pixels)
+    assert out.dtype == torch.float32 and out.shape == pixels.shape
+    assert torch.equal(out, pixels.float() / 127.5 - 1.0)
+    assert out.min() == -1 and out.max() == 1
 
 
 def test_folder_dataset(tmp_path):
