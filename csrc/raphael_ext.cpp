@@ -67,8 +67,8 @@ TORCH_LIBRARY(raphael_ext, m) {
   m.def(
       "space_moe_plan(Tensor mask, Tensor route, Tensor gate, Tensor? text_lengths, int num_experts) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Composite (csrc/composite/time_moe.cpp): autograd comes from grouped_gemm's and GELU's. recompute: the backward
-  // recomputes the first GEMM instead of keeping its output.
+  // Composite (csrc/composite/time_moe.cpp): autograd comes from the ops it calls (space_moe on the CPU, grouped_gemm
+  // and GELU on the GPU). recompute: the backward recomputes the first GEMM instead of keeping its output.
   m.def(
       "time_moe(Tensor x, Tensor route, Tensor w1, Tensor b1, Tensor w2, Tensor b2, bool recompute=False) -> Tensor");
 }

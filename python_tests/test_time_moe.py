@@ -1,5 +1,7 @@
 """time_moe (docs/kernels.md) against a float64 loop over samples."""
 
+import collections
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,16 +46,24 @@ def test_matches_per_sample_loop(device, dtype, recompute):
     check(make_inputs(5, 17, 16, 24, 4, dtype, device, route=[3, 0, 3, 1, 0]), recompute)  # expert 2 unused
 
 
-@pytest.mark.parametrize("recompute,gemms", [(False, 2), (True, 3)])
-def test_backward_recomputes_the_first_gemm_only_when_asked(recompute, gemms):
-    """Saving, the backward runs the two input-gradient grouped GEMMs; recomputing, the first GEMM again too.
-    Both give the same gradients."""
-    x, route, *weights = make_inputs(4, 6, 8, 12, 3, torch.float64, "cpu", route=[2, 0, 2, 1])
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_recomputes_the_first_gemm_only_when_asked(device, recompute):
+    """Saving, the backward reads the first GEMM's output from the forward; recomputing, it runs that GEMM again. On
+    the GPU the backward's grouped GEMMs are counted (2 against 3); on the CPU, where time_moe is space_moe with one
+    text token per sample, the pre-activations space_moe's backward is handed (the forward's, or none). Both modes
+    give the same gradients."""
+    x, route, *weights = make_inputs(4, 6, 8, 12, 3, torch.float64, device, route=[2, 0, 2, 1])
     args = [t.clone().requires_grad_() for t in (x, *weights)]
     out = time_moe(args[0], route, *args[1:], recompute=recompute)
-    with GroupedGemmCounter() as counter:
+    with OpCalls() as calls:
         grads = torch.autograd.grad(out, args, torch.ones_like(out))
-    assert counter.calls == gemms
+    if device == "cpu":
+        (backward_args,) = calls[torch.ops.raphael_ext.space_moe_backward.default]
+        hidden = backward_args[-1]
+        assert hidden is None if recompute else hidden.shape == (4 * 6, 12)
+    else:
+        assert len(calls[torch.ops.raphael_ext.grouped_gemm.default]) == (3 if recompute else 2)
     reference = [t.clone().requires_grad_() for t in (x, *weights)]
     expected = torch.autograd.grad(time_moe(reference[0], route, *reference[1:], recompute=not recompute), reference,
                                    torch.ones_like(out))
@@ -61,15 +71,16 @@ def test_backward_recomputes_the_first_gemm_only_when_asked(recompute, gemms):
         torch.testing.assert_close(got, want)
 
 
-class GroupedGemmCounter(TorchDispatchMode):
-    """Counts the grouped_gemm calls that reach the dispatcher's kernels."""
+class OpCalls(TorchDispatchMode):
+    """The arguments of every op call that reaches the dispatcher's kernels, by op."""
 
     def __enter__(self):
-        self.calls = 0
-        return super().__enter__()
+        self.calls = collections.defaultdict(list)
+        super().__enter__()
+        return self.calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is torch.ops.raphael_ext.grouped_gemm.default
+        self.calls[func].append(args)
         return func(*args, **(kwargs or {}))
 
 

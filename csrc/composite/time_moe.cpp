@@ -1,13 +1,19 @@
 // time_moe (docs/kernels.md): every sample through the expert its timestep chose. Written with
-// ATen ops and grouped_gemm, registered as CompositeImplicitAutograd, so CPU, CUDA, autograd,
-// fake tensors and torch.compile all come from those ops. Samples (whole [N, C] blocks, never
-// single tokens) are stably sorted by expert, so each expert's rows are contiguous and the grouped
-// GEMM and its weight gradient apply unchanged; one expert per sample means the gradients of the
-// permutation are plain copies (deterministic). No host synchronisation: counts and offsets stay on
-// the device.
+// ATen ops and raphael_ext's ops, registered as CompositeImplicitAutograd, so autograd, fake tensors
+// and torch.compile all come from those ops.
+// On the GPU, samples (whole [N, C] blocks, never single tokens) are stably sorted by expert, so each
+// expert's rows are contiguous and the grouped GEMM and its weight gradient apply unchanged; one
+// expert per sample means the gradients of the permutation are plain copies (deterministic). No host
+// synchronisation: counts and offsets stay on the device.
+// On the CPU it is space_moe with one text token per sample, routed to the sample's expert with gate
+// 1 and covering every image token: y = e_route(x) exactly, through space_moe's fused expert FFN
+// (rows gathered, both GEMMs and GELU per block of rows while they are in cache), which outruns the
+// grouped GEMMs with GELU over the whole [B * N, F] activations, and a loop over samples, by about
+// 1.2x for forward + backward on 2 cores; it also keeps less for the backward (no GELU output).
 #include "../common/moe.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
 #include <string>
@@ -31,6 +37,21 @@ at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tens
   at::_assert_async(at::logical_and(route >= 0, route < E).all(),
                     "time_moe: route must hold expert indices in [0, E = " + std::to_string(E) + ")");
 
+  if (x.device().is_cpu()) {
+    static const auto space_moe =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("raphael_ext::space_moe", "")
+            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
+    const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || w1.requires_grad() ||
+                                                           b1.requires_grad() || w2.requires_grad() ||
+                                                           b2.requires_grad());
+    const at::Tensor mask = at::ones({B, N, 1}, x.options().dtype(at::kBool));
+    const at::Tensor gate = at::ones({B, 1}, x.options());
+    return std::get<0>(space_moe.call(x, mask, route.unsqueeze(1), gate, w1, b1, w2, b2, std::nullopt,
+                                      /*save_hidden=*/!recompute && needs_grad));
+  }
   static const auto grouped_gemm =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("raphael_ext::grouped_gemm", "")
