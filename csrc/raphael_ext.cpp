@@ -11,6 +11,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "common/space_moe_call.h"
 #include "cpu/row_buffer_cache.h"
 #include "cpu/vec_math_avx2.h"
 #include "cpu/vec_math_avx512.h"
@@ -141,14 +142,8 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
 at::Tensor space_moe(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& route, const at::Tensor& gate,
                      const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                      const std::optional<at::Tensor>& text_lengths) {
-  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("raphael_ext::space_moe", "")
-                             .typed<Out(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const std::optional<at::Tensor>&, bool)>();
   // save_hidden = false: this entry point cannot tell whether a backward follows, so that backward recomputes.
-  return std::get<0>(op.call(x, mask, route, gate, w1, b1, w2, b2, text_lengths, false));
+  return call_space_moe(x, mask, route, gate, w1, b1, w2, b2, text_lengths, /*save_hidden=*/false);
 }
 
 at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tensor& w1, const at::Tensor& b1,

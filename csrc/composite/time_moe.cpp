@@ -11,6 +11,7 @@
 // grouped GEMMs with GELU over the whole [B * N, F] activations, and a loop over samples, by about
 // 1.2x for forward + backward on 2 cores; it also keeps less for the backward (no GELU output).
 #include "../common/moe.h"
+#include "../common/space_moe_call.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -38,19 +39,13 @@ at::Tensor time_moe(const at::Tensor& x, const at::Tensor& route, const at::Tens
                     "time_moe: route must hold expert indices in [0, E = " + std::to_string(E) + ")");
 
   if (x.device().is_cpu()) {
-    static const auto space_moe =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("raphael_ext::space_moe", "")
-            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool)>();
     const bool needs_grad = at::GradMode::is_enabled() && (x.requires_grad() || w1.requires_grad() ||
                                                            b1.requires_grad() || w2.requires_grad() ||
                                                            b2.requires_grad());
     const at::Tensor mask = at::ones({B, N, 1}, x.options().dtype(at::kBool));
     const at::Tensor gate = at::ones({B, 1}, x.options());
-    return std::get<0>(space_moe.call(x, mask, route.unsqueeze(1), gate, w1, b1, w2, b2, std::nullopt,
-                                      /*save_hidden=*/!recompute && needs_grad));
+    return call_space_moe(x, mask, route.unsqueeze(1), gate, w1, b1, w2, b2, std::nullopt,
+                          /*save_hidden=*/!recompute && needs_grad);
   }
   static const auto grouped_gemm =
       c10::Dispatcher::singleton()
